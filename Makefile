@@ -1,0 +1,50 @@
+# MagicFuse — two commands do everything on a fresh clone:
+#   make run    set up .venv and run the whole default pipeline (dvc repro) on CPU
+#   make test   set up .venv and run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Offline, local-only settings (DESIGN.md §5).
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup run test test-all bench ui clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+# The whole default pipeline (synthetic data, tiny profile, CPU): DVC runs every stage.
+run: setup
+	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "make run needs a git checkout (DVC requires git)"; exit 1; }
+	$(BIN)/dvc config --local core.analytics false
+	$(BIN)/dvc repro
+	@$(BIN)/dvc metrics show || true
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Slow tests too (compile, longer training checks).
+test-all: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_sampler.py
+	$(BIN)/python benchmarks/bench_metrics.py
+
+ui: setup
+	$(BIN)/mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts
