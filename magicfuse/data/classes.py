@@ -37,3 +37,39 @@ MFNET_PALETTE: tuple[tuple[int, int, int], ...] = (
 
 # Class weights of the segmentation cross-entropy in the authors' fusion training code.
 SEG_CLASS_WEIGHTS: tuple[float, ...] = (0.4, 0.8, 1.0, 2.0, 4.0, 1.8, 1.8, 1.5, 1.5)
+
+# --- Other data sets, mapped onto MFNet ids -------------------------------------------
+# (Appended by the readers; see docs/DATASETS.md for the reasoning behind each mapping.)
+
+# FMB (Liu et al., ICCV 2023, "Multi-interactive feature learning and a full-time
+# multi-modality benchmark"): 15 label ids as shipped in FMB's `Label/` PNGs.
+FMB_CLASSES: tuple[str, ...] = (
+    "unlabelled",
+    "road",
+    "sidewalk",
+    "building",
+    "traffic_lamp",
+    "traffic_sign",
+    "vegetation",
+    "sky",
+    "person",
+    "car",
+    "truck",
+    "bus",
+    "motorcycle",
+    "bicycle",
+    "pole",
+)
+# FMB id -> MFNet id. Car -> car, Person -> person, the two-wheelers (motorcycle,
+# bicycle) -> bike. Truck and bus -> 255 (ignore): MFNet's "car" class is annotated on
+# cars, so scoring trucks/buses as car or as background would both be guesses. Stuff
+# classes (road, sidewalk, building, lamp, sign, vegetation, sky, pole) have no MFNet
+# counterpart and MFNet labels such pixels "unlabelled" (0), so they map to 0.
+FMB_TO_MFNET: tuple[int, ...] = (0, 0, 0, 0, 0, 0, 0, 0, 2, 1, IGNORE_INDEX, IGNORE_INDEX, 3, 3, 0)
+
+# MSRS detection boxes (Lele-3/MSRS-detection-label, YOLO format): 0 person, 1 bicycle, 2 car.
+MSRS_BOX_CLASSES: tuple[str, ...] = ("person", "bicycle", "car")
+MSRS_BOX_TO_MFNET: dict[int, int] = {0: CLASS_ID["person"], 1: CLASS_ID["bike"], 2: CLASS_ID["car"]}
+
+# LLVIP VOC annotations: one object class, "person".
+LLVIP_BOX_TO_MFNET: dict[str, int] = {"person": CLASS_ID["person"]}
