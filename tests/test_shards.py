@@ -461,3 +461,15 @@ def test_real_msrs_pairs(tmp_path):
     assert b["clean"].shape == (3, 3, 256, 256) and b["infrared"].shape == (3, 1, 256, 256)
     assert torch.all(b["label"] == 255)
     assert float(b["clean"].std()) > 0.05  # real image content survived the round trip
+
+
+def test_several_sources_load_together(tmp_path, samples):
+    """Training reads the shard folders of all sources (params.yaml shards.sources) as one set."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_shards(samples[:5], a, split="train", source_name="srcA", cfg=CFG4)
+    write_shards(samples[5:], b, split="train", source_name="srcB", cfg=CFG4)
+    keys = keys_of(make_loader([a, b], "train", batch_size=3, crop=(16, 16), seed=1))
+    assert sorted(keys) == sorted([f"srcA-{i:05d}" for i in range(5)] + [f"srcB-{i:05d}" for i in range(5, N)])
+    assert manifest_hash([a, b]) != manifest_hash(a) and manifest_hash([a]) == manifest_hash(a)
+    with pytest.raises(DataError, match="split 'val' not found"):
+        make_loader([a, b], "val", batch_size=2)

@@ -566,16 +566,31 @@ def read_manifest(out_dir: str | Path) -> pa.Table:
         raise DataError(f"{path}: unreadable parquet manifest ({exc})") from None
 
 
-def manifest_hash(out_dir: str | Path) -> str:
-    """sha256 (hex) of the manifest file's bytes: identifies a shard set in checkpoints."""
+def manifest_hash(out_dir: str | Path | Sequence[str | Path]) -> str:
+    """sha256 (hex) of the manifest file's bytes: identifies a shard set in checkpoints.
+
+    For several shard folders (several sources), the sha256 of their hashes in order.
+    """
+    if isinstance(out_dir, (list, tuple)):
+        if len(out_dir) == 1:
+            return manifest_hash(out_dir[0])
+        return hashlib.sha256("".join(manifest_hash(d) for d in out_dir).encode()).hexdigest()
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         raise DataError(f"{path}: shard manifest not found (run write_shards first)")
     return _sha256_file(path)
 
 
-def list_shards(shards_dir: str | Path, split: str) -> list[Path]:
-    """The shard files of `split`, sorted; DataError if the folder or the shards are missing."""
+def list_shards(shards_dir: str | Path | Sequence[str | Path], split: str) -> list[Path]:
+    """The shard files of `split`, sorted; DataError if the folder or the shards are missing.
+
+    `shards_dir` may be a list of shard folders (one per source): their shards are
+    concatenated in the given order, and each folder must hold the split.
+    """
+    if isinstance(shards_dir, (list, tuple)):
+        if not shards_dir:
+            raise DataError("no shard folders given")
+        return [p for d in shards_dir for p in list_shards(d, split)]
     shards_dir = Path(shards_dir)
     if not shards_dir.is_dir():
         raise DataError(f"{shards_dir}: shards folder not found")
