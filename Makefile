@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Offline, local-only settings (DESIGN.md §5).
+# DVC stage commands call `python`: make it the project environment's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export MLFLOW_DISABLE_TELEMETRY := true

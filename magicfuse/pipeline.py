@@ -1,0 +1,291 @@
+"""The pipeline steps: the ONE implementation behind the DVC stages (`stages/`) and
+the Prefect tasks (`flows/`).
+
+Each function takes the parameters dict (`magicfuse.config.load_params()`), builds
+its typed configs, calls the library, writes its outputs under `artifacts/` and its
+DVC metrics/plots under `reports/<stage>/`, and records everything in an MLflow
+stage run nested under the current pipeline run.
+
+    synthesize -> shards -> train_ae -> train_ikr, train_ckg -> train_mkf -> evaluate
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from magicfuse.config import ConfigError, from_mapping, load_params, section, to_dict
+
+__all__ = [
+    "ARTIFACTS", "REPORTS", "STAGES", "load_params", "synthesize", "shards", "train_ae", "train_ldm",
+    "train_mkf", "evaluate", "run_stage",
+]
+
+ARTIFACTS = Path("artifacts")
+REPORTS = Path("reports")
+STAGES = ("synthesize", "shards", "train_ae", "train_ikr", "train_ckg", "train_mkf", "evaluate")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class SynthesizeConfig:
+    seed: int = 0
+    height: int = 96
+    width: int = 128
+    splits: dict[str, int] | None = None  # split name -> number of scenes
+    out_dir: str = "artifacts/scenes"
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One entry of `shards.sources`: a data set in its published layout."""
+
+    kind: str  # mfnet | msrs | fmb | llvip | roadscene | pairs
+    root: str
+    splits: tuple[str, ...] = ("train", "test")
+    options: dict[str, Any] | None = None  # reader options (e.g. boxes_dir, on_missing)
+
+
+@dataclass(frozen=True)
+class ShardsStageConfig:
+    sources: dict[str, Any]
+    samples_per_shard: int = 256
+    seed: int = 0
+    max_samples: int | None = None
+    degradation: dict[str, Any] | None = None
+    out_dir: str = "artifacts/shards"
+
+
+def shard_dirs(params: Mapping[str, Any]) -> list[Path]:
+    """The shard folders of every configured source (what training reads)."""
+    cfg = section(params, "shards", ShardsStageConfig)
+    return [Path(cfg.out_dir) / name for name in cfg.sources]
+
+
+def _stage_reports(stage: str) -> Path:
+    path = REPORTS / stage
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _publish_training_outputs(stage: str, out_dir: Path) -> None:
+    """Copy the trainer's metrics/loss files to reports/<stage>/ (DVC metrics and plots
+    cannot live inside a DVC output folder)."""
+    dst = _stage_reports(stage)
+    for name in ("metrics.json", "loss.csv", "loss.png"):
+        src = out_dir / name
+        if src.exists():
+            shutil.copyfile(src, dst / name)
+
+
+def _device(params: Mapping[str, Any], cfg_device: str) -> str:
+    return cfg_device if cfg_device != "auto" else str(params.get("device", "auto"))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def synthesize(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Generate the built-in synthetic scenes (MSRS layout) under artifacts/scenes."""
+    from magicfuse import tracking
+    from magicfuse.data.synthetic import write_synthetic_dataset
+
+    cfg = section(params, "synthesize", SynthesizeConfig)
+    splits = cfg.splits or {"train": 192, "val": 16, "test": 32}
+    with tracking.stage_run("synthesize", params={"synthesize": to_dict(cfg)}):
+        t0 = time.perf_counter()
+        out = write_synthetic_dataset(cfg.out_dir, seed=cfg.seed, splits=splits, height=cfg.height,
+                                      width=cfg.width, progress=True)
+        seconds = time.perf_counter() - t0
+        n = sum(len(v) for v in out["keys"].values()) if isinstance(out.get("keys"), dict) else sum(splits.values())
+        tracking.log_metrics({"scenes": n, "seconds": seconds, "scenes_per_s": n / max(seconds, 1e-9)})
+    return {"out_dir": cfg.out_dir, "scenes": n, "seconds": seconds}
+
+
+def shards(params: Mapping[str, Any], source: str | None = None) -> dict[str, Any]:
+    """Degrade and pack one source (or all) into WebDataset shards + parquet manifest."""
+    from magicfuse import tracking
+    from magicfuse.data.readers import open_reader
+    from magicfuse.data.shards import ShardConfig, write_shards
+
+    cfg = section(params, "shards", ShardsStageConfig)
+    names = [source] if source else list(cfg.sources)
+    summary: dict[str, Any] = {}
+    for name in names:
+        if name not in cfg.sources:
+            raise ConfigError(f"params.yaml:shards.sources has no source {name!r}; have {sorted(cfg.sources)}")
+        src = from_mapping(SourceConfig, cfg.sources[name], where=f"params.yaml:shards.sources.{name}")
+        if not Path(src.root).exists():
+            raise ConfigError(f"params.yaml:shards.sources.{name}.root: {src.root} does not exist "
+                              f"(see docs/DATASETS.md for the expected layout)")
+        shard_cfg = ShardConfig(samples_per_shard=cfg.samples_per_shard, seed=cfg.seed, max_samples=cfg.max_samples)
+        out_dir = Path(cfg.out_dir) / name
+        with tracking.stage_run(f"shards@{name}", params={"shards": to_dict(cfg), "source": to_dict(src)}):
+            per_split = {}
+            for split in src.splits:
+                reader = open_reader(src.kind, src.root, split, **(src.options or {}))
+                res = write_shards(reader, out_dir, split=split, source_name=name, cfg=shard_cfg,
+                                   degradation_cfg=cfg.degradation, progress=True)
+                per_split[split] = {"samples": res.num_samples, "shards": len(res.shards),
+                                    "seconds": round(res.seconds, 3)}
+                tracking.log_metrics({f"{split}.samples": res.num_samples, f"{split}.seconds": res.seconds})
+            summary[name] = per_split
+    return summary
+
+
+def train_ae(params: Mapping[str, Any]) -> dict[str, Any]:
+    from magicfuse import tracking
+    from magicfuse.training.ae import AETrainConfig, train_autoencoder
+
+    cfg = section(params, "train_ae", AETrainConfig)
+    cfg = _with_device(cfg, params)
+    out_dir = ARTIFACTS / "ae"
+    with tracking.stage_run("train_ae", params={"train_ae": to_dict(cfg)}):
+        res = train_autoencoder(cfg, _one_shards_dir(params), out_dir, logger=tracking.MetricLogger("train/"))
+        _finish_training("train_ae", out_dir, res)
+        _register_component(params, "ae", res.checkpoint)
+    return _result_summary(res)
+
+
+def train_ldm(params: Mapping[str, Any], branch: str) -> dict[str, Any]:
+    from magicfuse import tracking
+    from magicfuse.training.ldm import LDMTrainConfig, train_ldm as _train
+
+    stage = f"train_{branch}"
+    cfg = _with_device(section(params, stage, LDMTrainConfig), params)
+    out_dir = ARTIFACTS / branch
+    ae_ckpt = ARTIFACTS / "ae" / "ae.pt"
+    with tracking.stage_run(stage, params={stage: to_dict(cfg)}):
+        res = _train(cfg, branch=branch, ae_checkpoint=ae_ckpt, shards_dir=_one_shards_dir(params),
+                     out_dir=out_dir, logger=tracking.MetricLogger("train/"))
+        _finish_training(stage, out_dir, res)
+        _register_component(params, branch, res.checkpoint, ae_checkpoint=ae_ckpt)
+    return _result_summary(res)
+
+
+def train_mkf(params: Mapping[str, Any]) -> dict[str, Any]:
+    from magicfuse import tracking
+    from magicfuse.training.mkf import MKFTrainConfig, train_mkf as _train
+
+    cfg = _with_device(section(params, "train_mkf", MKFTrainConfig), params)
+    out_dir = ARTIFACTS / "mkf"
+    with tracking.stage_run("train_mkf", params={"train_mkf": to_dict(cfg)}):
+        res = _train(cfg, ae_checkpoint=ARTIFACTS / "ae" / "ae.pt", ikr_checkpoint=ARTIFACTS / "ikr" / "ikr.pt",
+                     ckg_checkpoint=ARTIFACTS / "ckg" / "ckg.pt", shards_dir=_one_shards_dir(params),
+                     out_dir=out_dir, logger=tracking.MetricLogger("train/"))
+        _finish_training("train_mkf", out_dir, res)
+    return _result_summary(res)
+
+
+def evaluate(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Evaluate the trained pipeline, write the report, register and promote the model."""
+    from magicfuse import tracking
+    from magicfuse.evaluation.pipeline import EvaluateConfig, run_evaluation
+
+    cfg = section(params, "evaluate", EvaluateConfig)
+    out_dir = _stage_reports("evaluate")
+    pipeline_ckpt = ARTIFACTS / "mkf" / "pipeline.pt"
+    with tracking.stage_run("evaluate", params={"evaluate": to_dict(cfg)}) as run:
+        result = run_evaluation(cfg, pipeline_checkpoint=pipeline_ckpt, shards_dir=_one_shards_dir(params),
+                                out_dir=out_dir)
+        tracking.log_metrics(result["metrics"], prefix="eval.")
+        tracking.log_artifacts([out_dir], artifact_path="report")
+        decision = _register_pipeline(params, pipeline_ckpt, eval_run_id=run.info.run_id)
+    if decision is not None:
+        result["promotion"] = decision
+    return result
+
+
+def run_stage(name: str, params: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Run one named stage (`train_ikr`/`train_ckg` map onto train_ldm)."""
+    params = params if params is not None else load_params()
+    if name == "synthesize":
+        return synthesize(params)
+    if name == "shards":
+        return shards(params, kwargs.get("source"))
+    if name == "train_ae":
+        return train_ae(params)
+    if name in ("train_ikr", "train_ckg"):
+        return train_ldm(params, name.split("_", 1)[1])
+    if name == "train_mkf":
+        return train_mkf(params)
+    if name == "evaluate":
+        return evaluate(params)
+    raise ConfigError(f"unknown stage {name!r}; stages are {STAGES}")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "magicfuse"
+    register: bool = True  # register the AE, IKR, CKG and the full pipeline in the MLflow registry
+    model_name: str = "magicfuse"  # registered name of the pipeline; components get -ae/-ikr/-ckg
+    promote_metric: str = "eval.promotion_score"  # metric of the evaluate run deciding @champion
+    higher_is_better: bool = True
+    alias: str = "champion"
+
+
+def _tracking_cfg(params: Mapping[str, Any]) -> TrackingConfig:
+    return from_mapping(TrackingConfig, params.get("tracking", {}), where="params.yaml:tracking")
+
+
+def _register_component(params: Mapping[str, Any], kind: str, checkpoint: Path,
+                        ae_checkpoint: Path | None = None) -> None:
+    from magicfuse import tracking
+
+    cfg = _tracking_cfg(params)
+    if cfg.register:
+        tracking.log_component_model(kind, checkpoint, ae_checkpoint=ae_checkpoint,
+                                     registered_name=f"{cfg.model_name}-{kind}")
+
+
+def _register_pipeline(params: Mapping[str, Any], checkpoint: Path, *, eval_run_id: str) -> dict[str, Any] | None:
+    """Register the pipeline model from the evaluate run and move @champion if it beats the holder."""
+    from magicfuse import tracking
+
+    cfg = _tracking_cfg(params)
+    if not cfg.register:
+        return None
+    version = tracking.log_pipeline_model(checkpoint, registered_name=cfg.model_name)
+    decision = tracking.promote_if_better(cfg.model_name, version.version, metric=cfg.promote_metric,
+                                          higher_is_better=cfg.higher_is_better, alias=cfg.alias,
+                                          metric_run_id=eval_run_id)
+    print(f"registry: {decision.reason}")
+    return decision.as_dict()
+
+
+def _one_shards_dir(params: Mapping[str, Any]) -> Path | list[Path]:
+    dirs = shard_dirs(params)
+    return dirs[0] if len(dirs) == 1 else dirs
+
+
+def _with_device(cfg: Any, params: Mapping[str, Any]) -> Any:
+    import dataclasses
+
+    dev = _device(params, getattr(cfg, "device", "auto"))
+    return dataclasses.replace(cfg, device=dev) if dev != getattr(cfg, "device", dev) else cfg
+
+
+def _finish_training(stage: str, out_dir: Path, res: Any) -> None:
+    from magicfuse import tracking
+
+    _publish_training_outputs(stage, out_dir)
+    tracking.log_metrics(res.final_metrics, prefix="final.")
+    tracking.log_metrics({"seconds": res.seconds, "images_per_s": res.images_per_s})
+    tracking.log_artifacts([p for p in (out_dir / "loss.csv", out_dir / "loss.png", out_dir / "history.json")
+                            if p.exists()], artifact_path="training")
+    previews = out_dir / "previews"
+    if previews.is_dir():
+        tracking.log_artifacts([previews], artifact_path="previews")
+
+
+def _result_summary(res: Any) -> dict[str, Any]:
+    return {"checkpoint": str(res.checkpoint), "metrics": dict(res.final_metrics),
+            "seconds": round(res.seconds, 2), "images_per_s": round(res.images_per_s, 2)}

@@ -1,0 +1,580 @@
+"""MLflow helpers: one experiment per project, a run per stage nested under a
+pipeline run, per-step metrics, artifacts, registered models and alias promotion.
+
+Tracking store: `MLFLOW_TRACKING_URI` when set, else a local sqlite file
+(`mlflow.db` in the project root) with artifacts under `mlartifacts/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from magicfuse.errors import MagicFuseError
+from magicfuse.io import write_json_atomic
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+DEFAULT_EXPERIMENT = "magicfuse"
+CHAMPION = "champion"
+PIPELINE_RUN_FILE = Path("artifacts") / "mlflow_pipeline_run.json"
+
+
+class TrackingError(MagicFuseError):
+    """MLflow tracking or registry operation failed."""
+
+
+def project_root() -> Path:
+    """The folder holding params.yaml (the working directory of stages and flows)."""
+    return Path.cwd()
+
+
+def default_tracking_uri(root: Path | None = None) -> str:
+    root = (root or project_root()).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def configure(experiment: str = DEFAULT_EXPERIMENT, tracking_uri: str | None = None) -> str:
+    """Point MLflow at the tracking store and experiment; returns the experiment id.
+
+    An explicit `tracking_uri` wins, then `MLFLOW_TRACKING_URI`, then the local
+    sqlite default (whose artifacts go to `mlartifacts/` beside it).
+    """
+    import mlflow
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        artifact_location = None
+        if uri.startswith("sqlite:///"):  # a local store: keep its artifacts beside it, not in ./mlruns
+            artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested params into `a.b.c` keys with string values (MLflow's limit is 6000 chars)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, prefix=f"{name}."))
+        else:
+            text = json.dumps(value, default=str) if not isinstance(value, str) else value
+            out[name] = text[:6000]
+    return out
+
+
+def _read_pipeline_run(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text())["run_id"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return None
+
+
+def start_pipeline_run(name: str = "pipeline", *, tags: Mapping[str, str] | None = None,
+                       record: Path | None = PIPELINE_RUN_FILE) -> str:
+    """Create a fresh parent run for one pipeline execution and remember its id."""
+    import mlflow
+
+    exp_id = configure()
+    client = mlflow.MlflowClient()
+    run = client.create_run(exp_id, run_name=name, tags={"magicfuse.kind": "pipeline", **(tags or {})})
+    if record is not None:
+        write_json_atomic(record, {"run_id": run.info.run_id})
+    return run.info.run_id
+
+
+def current_pipeline_run(record: Path = PIPELINE_RUN_FILE) -> str:
+    """The parent run of the current pipeline: env var, the recorded one, or a new one."""
+    import mlflow
+
+    run_id = os.environ.get("MAGICFUSE_PIPELINE_RUN_ID") or _read_pipeline_run(record)
+    if run_id:
+        try:
+            run = mlflow.MlflowClient().get_run(run_id)
+            if run.info.lifecycle_stage == "active":
+                return run_id
+        except Exception:  # run from another store or deleted: start a new one
+            pass
+    return start_pipeline_run(record=record)
+
+
+def end_pipeline_run(status: str = "FINISHED", record: Path = PIPELINE_RUN_FILE, *, run_id: str | None = None) -> None:
+    """Mark the pipeline run (`run_id`, else the recorded one) terminated with `status`."""
+    import mlflow
+
+    configure()
+    run_id = run_id or _read_pipeline_run(record)
+    if run_id:
+        mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, *, params: Mapping[str, Any] | None = None,
+              parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """An MLflow run for one stage, nested under the pipeline run."""
+    import mlflow
+
+    configure()
+    parent = parent_run_id or current_pipeline_run()
+    tags = {"magicfuse.stage": stage, "mlflow.parentRunId": parent, **(tags or {})}
+    with mlflow.start_run(run_name=stage, tags=tags, nested=mlflow.active_run() is not None) as run:
+        if params:
+            mlflow.log_params(flatten(params))
+        yield run
+
+
+class MetricLogger:
+    """Callable `(metrics, step)` that logs finite values to the active MLflow run."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+
+    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
+        import mlflow
+
+        clean = {f"{self.prefix}{k}": float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        if clean:
+            mlflow.log_metrics(clean, step=int(step))
+
+
+def log_metrics(metrics: Mapping[str, Any], *, prefix: str = "", step: int | None = None) -> None:
+    """Log a (possibly nested) dict of numbers; non-numbers are skipped."""
+    import mlflow
+
+    flat: dict[str, float] = {}
+
+    def walk(d: Mapping[str, Any], p: str) -> None:
+        for k, v in d.items():
+            key = f"{p}{k}"
+            if isinstance(v, Mapping):
+                walk(v, f"{key}.")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+                flat[key.replace(" ", "_")] = float(v)
+
+    walk(metrics, prefix)
+    if flat:
+        mlflow.log_metrics(flat, step=step)
+
+
+def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> None:
+    import mlflow
+
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            mlflow.log_artifacts(str(p), artifact_path=artifact_path)
+        elif p.is_file():
+            mlflow.log_artifact(str(p), artifact_path=artifact_path)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    model: str
+    version: str
+    promoted: bool
+    reason: str
+    metric: str
+    candidate: float | None
+    champion_version: str | None
+    champion: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _run_metric(client: Any, run_id: str | None, metric: str) -> float | None:
+    if not run_id:
+        return None
+    value = client.get_run(run_id).data.metrics.get(metric)
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def promote_if_better(model_name: str, version: str | int, *, metric: str, higher_is_better: bool = True,
+                      alias: str = CHAMPION, metric_run_id: str | None = None) -> PromotionDecision:
+    """Move `alias` to `version` only when its evaluation metric beats the current holder's.
+
+    The candidate's metric is read from `metric_run_id` (the evaluation run), else from
+    the run that logged the model version; the champion's from the run recorded on its
+    version (tag `magicfuse.eval_run_id`) or its source run. The decision and its reason
+    are recorded as tags on the candidate version.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    version = str(version)
+    mv = client.get_model_version(model_name, version)
+    cand_run = metric_run_id or mv.tags.get("magicfuse.eval_run_id") or mv.run_id
+    if metric_run_id:
+        client.set_model_version_tag(model_name, version, "magicfuse.eval_run_id", metric_run_id)
+    cand = _run_metric(client, cand_run, metric)
+    if cand is None:
+        raise TrackingError(f"model {model_name} v{version}: metric {metric!r} not found in run {cand_run}")
+    try:
+        champ_mv = client.get_model_version_by_alias(model_name, alias)
+    except Exception:
+        champ_mv = None
+    champ_val = None
+    champ_version = None
+    if champ_mv is not None and champ_mv.version != version:
+        champ_version = champ_mv.version
+        champ_val = _run_metric(client, champ_mv.tags.get("magicfuse.eval_run_id") or champ_mv.run_id, metric)
+    better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
+    if champ_mv is not None and champ_mv.version == version:
+        promoted, reason = True, f"v{version} already holds @{alias}"
+    elif champ_mv is None:
+        promoted, reason = True, f"no @{alias} yet; v{version} {metric}={cand:.6g} becomes {alias}"
+    elif champ_val is None:
+        promoted, reason = True, f"@{alias} v{champ_version} has no {metric}; v{version} ({cand:.6g}) replaces it"
+    elif better(cand, champ_val):
+        promoted, reason = True, (f"v{version} {metric}={cand:.6g} beats @{alias} v{champ_version} "
+                                  f"({champ_val:.6g}, {'higher' if higher_is_better else 'lower'} is better)")
+    else:
+        promoted, reason = False, (f"v{version} {metric}={cand:.6g} does not beat @{alias} v{champ_version} "
+                                   f"({champ_val:.6g}); alias unchanged")
+    if promoted:
+        client.set_registered_model_alias(model_name, alias, version)
+    client.set_model_version_tag(model_name, version, "magicfuse.promotion", reason)
+    return PromotionDecision(model_name, version, promoted, reason, metric, cand, champ_version, champ_val)
+
+
+# ----------------------------------------------------------------------------- logged models
+#
+# Every model goes into MLflow as a pyfunc wrapper around our own checkpoint file(s)
+# (the checkpoint is an artifact; the wrapper rebuilds the networks with
+# magicfuse.checkpoint). `mlflow.pytorch.log_model` is not used: its torch.export
+# default fails on our multi-input networks, and a pickled nn.Module would tie the
+# model to the class layout. Inputs and outputs are numpy uint8 images, following
+# the data-layer conventions: visible (B,H,W,3) RGB, infrared (B,H,W).
+
+COMPONENT_KINDS = ("ae", "ikr", "ckg")
+PIPELINE_ARTIFACT = "pipeline"
+_REQUIREMENT_PACKAGES = ("torch", "numpy", "opencv-python-headless", "pyyaml", "mlflow", "cloudpickle")
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of a logged model: the installed versions of what the wrappers import.
+
+    Giving them explicitly keeps MLflow from inferring requirements (which loads the model
+    in a subprocess: slow, and needs nothing from the network either way). The
+    `magicfuse` package itself travels inside the model (`code_paths`).
+    """
+    from importlib import metadata
+
+    reqs = []
+    for pkg in _REQUIREMENT_PACKAGES:
+        try:
+            version = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            reqs.append(pkg)
+            continue
+        reqs.append(f"{pkg}=={version.split('+')[0]}")
+    return reqs
+
+
+def _images_to_tensor(images: Any, where: str) -> Any:
+    """uint8 (B,H,W,3) (or one (H,W,3)) RGB array -> float32 (B,3,H,W) tensor in [0,1]."""
+    import numpy as np
+    import torch
+
+    from magicfuse.errors import DataError
+
+    if hasattr(images, "to_numpy") and not isinstance(images, np.ndarray):  # a pandas frame/series
+        images = images.to_numpy()
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise DataError(f"{where}: expected uint8 RGB images of shape (B,H,W,3), got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise DataError(f"{where}: expected dtype uint8 images, got {arr.dtype}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0 or arr.shape[2] == 0:
+        raise DataError(f"{where}: empty image batch of shape {arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _tensor_to_uint8(x: Any) -> Any:
+    """float (B,C,H,W) in [0,1] -> uint8 (B,H,W,C) numpy (C=1 is squeezed to (B,H,W))."""
+    import torch
+
+    arr = (x.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
+def _int_param(params: Mapping[str, Any] | None, name: str, default: int) -> int:
+    value = (params or {}).get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or int(value) != value:
+        from magicfuse.errors import ConfigError
+
+        raise ConfigError(f"predict: parameter {name!r} must be an integer, got {value!r}")
+    return int(value)
+
+
+class _ComponentModel:
+    """pyfunc wrapper of one trained part (autoencoder, IKR or CKG denoiser).
+
+    * ``ae``:  images (B,H,W,3) uint8 -> reconstructions D(E(x)) (B,H,W,3) uint8
+    * ``ikr``: degraded images -> restored images (B,H,W,3) uint8 (single DDIM stream)
+    * ``ckg``: degraded images -> generated infrared (B,H,W) uint8 (channel mean of the decoded image)
+
+    Artifacts: ``"ae"`` (autoencoder checkpoint, ours or the authors') and, for the
+    branches, ``"unet"`` (our "unet" checkpoint). Predict params: ``seed`` (encoder
+    noise and z_T; same seed => same bytes), ``steps`` (DDIM steps, branches only).
+    Runs on CUDA when available (model config ``device`` overrides); the random draws
+    come from a CPU generator, so a seed gives the same bytes on the same device.
+    """
+
+    def __init__(self, kind: str, *, steps: int = 25, seed: int = 0):
+        if kind not in COMPONENT_KINDS:
+            from magicfuse.errors import ConfigError
+
+            raise ConfigError(f"component model kind must be one of {list(COMPONENT_KINDS)}, got {kind!r}")
+        self.kind = kind
+        self.steps = int(steps)
+        self.seed = int(seed)
+
+    def load_context(self, context) -> None:  # noqa: ANN001
+        from magicfuse.checkpoint import load_model as load_network
+        from magicfuse.training.ae import load_autoencoder
+
+        import torch
+
+        device = (getattr(context, "model_config", None) or {}).get("device") or (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        self.ae = load_autoencoder(context.artifacts["ae"]).eval().to(self.device)
+        self.unet = None
+        if self.kind != "ae":
+            self.unet, _ = load_network(context.artifacts["unet"], kind="unet")
+            self.unet.eval().to(self.device)
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 - no hints: MLflow reads them as a schema
+        import torch
+        import torch.nn.functional as F
+
+        x = _images_to_tensor(model_input, f"magicfuse {self.kind} model").to(self.device)
+        seed = _int_param(params, "seed", self.seed)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            if self.kind == "ae":
+                h, w = x.shape[-2:]
+                ph, pw = (-h) % 4, (-w) % 4
+                if ph or pw:
+                    mode = "reflect" if ph < h and pw < w else "replicate"
+                    x = F.pad(x, (0, pw, 0, ph), mode=mode)
+                out = self.ae(x, None, gen)[..., :h, :w]
+            else:
+                from magicfuse.training.ldm import sample_branch
+
+                steps = _int_param(params, "steps", self.steps)
+                out = sample_branch(self.ae, self.unet, x, steps=steps, generator=gen)
+                if self.kind == "ckg":
+                    out = out.mean(dim=1, keepdim=True)
+        return _tensor_to_uint8(out)
+
+
+def _component_pyfunc_class() -> type:
+    """`ComponentPyfunc`: `_ComponentModel` as an `mlflow.pyfunc.PythonModel`.
+
+    Built on first use (module `__getattr__`) so that importing this module does not
+    import MLflow's pyfunc machinery (~3 s); pickles by reference as
+    `magicfuse.tracking.ComponentPyfunc`.
+    """
+    existing = globals().get("ComponentPyfunc")
+    if existing is not None:
+        return existing
+    import mlflow.pyfunc
+
+    cls = type("ComponentPyfunc", (_ComponentModel, mlflow.pyfunc.PythonModel),
+               {"__module__": __name__, "__qualname__": "ComponentPyfunc", "__doc__": _ComponentModel.__doc__})
+    globals()["ComponentPyfunc"] = cls
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ComponentPyfunc":
+        return _component_pyfunc_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _example_image(example_hw: tuple[int, int], seed: int = 0) -> Any:
+    """One (1,H,W,3) uint8 degraded visible image: a synthetic scene with a fixed degradation."""
+    from magicfuse.data.degrade import degrade
+    from magicfuse.data.synthetic import generate_scene
+
+    h, w = (int(v) for v in example_hw)
+    scene = generate_scene(seed, 0, height=h, width=w)
+    degraded, _ = degrade(scene.visible, seed)
+    return degraded[None]
+
+
+def _image_signature(example_in: Any, example_out: Any, params: Mapping[str, Any]) -> Any:
+    """infer_signature on the example, then free the batch and spatial sizes (any B, H, W)."""
+    import numpy as np
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    inferred = infer_signature(example_in, example_out, params=dict(params))
+
+    def free(schema: Any, arr: Any) -> Any:
+        spec = schema.inputs[0]
+        shape = (-1, -1, -1) + tuple(arr.shape[3:])
+        return Schema([TensorSpec(np.dtype(spec.type), shape, spec.name)])
+
+    return ModelSignature(inputs=free(inferred.inputs, example_in), outputs=free(inferred.outputs, example_out),
+                          params=inferred.params)
+
+
+def _log_pyfunc(python_model: Any, artifacts: dict[str, str], *, registered_name: str, example_in: Any,
+                example_out: Any, params: Mapping[str, Any], tags: Mapping[str, str] | None,
+                name: str, run_name: str, example_params: Mapping[str, Any] | None = None) -> Any:
+    import mlflow
+
+    signature = _image_signature(example_in, example_out, params)
+    own_run = mlflow.active_run() is None
+    if own_run:
+        configure()
+        mlflow.start_run(run_name=run_name, tags={"magicfuse.kind": "model-logging"})
+    try:
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=python_model,
+            artifacts=artifacts,
+            signature=signature,
+            input_example=(example_in, dict(params if example_params is None else example_params)),
+            registered_model_name=registered_name,
+            pip_requirements=pip_requirements(),
+            code_paths=[str(_package_dir())],
+        )
+    finally:
+        if own_run:
+            mlflow.end_run()
+    if info.registered_model_version is None:
+        raise TrackingError(f"MLflow did not register model {registered_name!r} (run {info.run_id})")
+    client = mlflow.MlflowClient()
+    version = str(info.registered_model_version)
+    for key, value in {**(tags or {}), "magicfuse.model_uri": info.model_uri}.items():
+        client.set_model_version_tag(registered_name, version, key, str(value))
+    return client.get_model_version(registered_name, version)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _existing(path: str | Path, what: str) -> Path:
+    from magicfuse.errors import CheckpointError
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: {what} checkpoint not found")
+    return p.resolve()
+
+
+def log_pipeline_model(checkpoint_path: str | Path, *, registered_name: str = "magicfuse",
+                       example_hw: tuple[int, int] = (96, 128), tags: Mapping[str, str] | None = None) -> Any:
+    """Log the full MagicFuse pipeline (a pipeline checkpoint) as a registered pyfunc model.
+
+    The wrapper is `magicfuse.inference.MagicFusePyfunc` (artifact "pipeline" = the
+    checkpoint): degraded visible uint8 (B,H,W,3) -> MagImg uint8 (B,H,W,3). The
+    signature and input example come from running the model once on a synthetic
+    degraded image of size `example_hw`. Logs into the active run (else a run of
+    its own) and returns the new `ModelVersion`, tagged with the checkpoint's sha256.
+    """
+    from mlflow.pyfunc import PythonModelContext
+
+    from magicfuse.checkpoint import load_checkpoint
+    from magicfuse.inference import MagicFusePyfunc
+
+    ckpt = _existing(checkpoint_path, "pipeline")
+    payload = load_checkpoint(ckpt, kind="pipeline")
+    model = MagicFusePyfunc()
+    example_in = _example_image(example_hw)
+    probe = MagicFusePyfunc()
+    probe.load_context(PythonModelContext(artifacts={PIPELINE_ARTIFACT: str(ckpt)}, model_config={}))
+    example_out = probe.predict(None, example_in)
+    sampler = payload.get("sampler", {})
+    all_tags = {"magicfuse.kind": "pipeline", "magicfuse.checkpoint_sha256": _sha256(ckpt),
+                "magicfuse.sampler": json.dumps(sampler, sort_keys=True, default=str), **(tags or {})}
+    return _log_pyfunc(model, {PIPELINE_ARTIFACT: str(ckpt)}, registered_name=registered_name,
+                       example_in=example_in, example_out=example_out, params={},
+                       tags=all_tags, name="magicfuse", run_name=f"log-model-{registered_name}")
+
+
+def log_component_model(kind: str, checkpoint_path: str | Path, ae_checkpoint: str | Path | None = None, *,
+                        registered_name: str | None = None, example_hw: tuple[int, int] = (32, 48),
+                        steps: int = 25, seed: int = 0, tags: Mapping[str, str] | None = None) -> Any:
+    """Log one trained part as a registered pyfunc model (default name "magicfuse-<kind>").
+
+    `kind` "ae": `checkpoint_path` is the autoencoder. "ikr"/"ckg": it is the denoiser
+    ("unet" checkpoint) and `ae_checkpoint` the autoencoder it was trained with.
+    Predict params `seed` and `steps` default to the given values. Returns the `ModelVersion`.
+    """
+    from mlflow.pyfunc import PythonModelContext
+
+    from magicfuse.errors import ConfigError
+
+    if kind not in COMPONENT_KINDS:
+        raise ConfigError(f"log_component_model: kind must be one of {list(COMPONENT_KINDS)}, got {kind!r}")
+    ckpt = _existing(checkpoint_path, kind)
+    if kind == "ae":
+        artifacts = {"ae": str(ckpt)}
+    else:
+        if ae_checkpoint is None:
+            raise ConfigError(f"log_component_model: the {kind} model needs ae_checkpoint (the autoencoder it uses)")
+        artifacts = {"unet": str(ckpt), "ae": str(_existing(ae_checkpoint, "autoencoder"))}
+    params = {"seed": int(seed)} if kind == "ae" else {"seed": int(seed), "steps": int(steps)}
+    cls = _component_pyfunc_class()
+    model = cls(kind, steps=steps, seed=seed)
+    probe = cls(kind, steps=steps, seed=seed)
+    probe.load_context(PythonModelContext(artifacts=artifacts, model_config={}))
+    example_in = _example_image(example_hw)
+    # The example request runs one DDIM step: its output has the same shape and dtype as
+    # with `steps`, and MLflow re-runs the example when it validates the logged model.
+    example_params = {**params, "steps": 1} if "steps" in params else dict(params)
+    example_out = probe.predict(None, example_in, example_params)
+    all_tags = {"magicfuse.kind": kind, "magicfuse.checkpoint_sha256": _sha256(ckpt), **(tags or {})}
+    name = registered_name or f"magicfuse-{kind}"
+    return _log_pyfunc(model, artifacts, registered_name=name, example_in=example_in, example_out=example_out,
+                       params=params, example_params=example_params, tags=all_tags, name=f"magicfuse-{kind}",
+                       run_name=f"log-model-{name}")
+
+
+def load_model(uri: str) -> Any:
+    """`mlflow.pyfunc.load_model` on the configured tracking store, e.g. "models:/magicfuse@champion"."""
+    import mlflow
+
+    if not os.environ.get("MLFLOW_TRACKING_URI") and mlflow.get_tracking_uri().startswith("file:"):
+        configure()
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # MlflowException, missing artifacts...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"cannot load MLflow model {uri!r}: {first}") from None
