@@ -1,0 +1,124 @@
+"""Autoencoder training: reconstruction of clean visible and infrared images.
+
+Each batch holds the clean visible crops and the infrared crops replicated to
+three channels (the convention of the whole project), concatenated along the
+batch. Loss: L1 + structural_weight × (1 − SSIM) (or a Sobel-gradient L1). The
+encoder's Gaussian noise input is drawn from the step's generator, so training
+is reproducible. Training may start from the authors' AE (`init_from` pointing at
+`official_ae.pth`, keys `encoder`/`decoder`) or from one of our "ae" checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from magicfuse.config import to_dict
+from magicfuse.errors import CheckpointError
+from magicfuse.models import build_model, model_config
+from magicfuse.training.loop import (
+    ArtifactFn,
+    Logger,
+    TrainConfig,
+    TrainJob,
+    TrainResult,
+    run_training,
+    seeded,
+)
+from magicfuse.training.losses import reconstruction_loss
+
+
+@dataclass(frozen=True)
+class AETrainConfig(TrainConfig):
+    model: str = "ae"  # preset name of the autoencoder
+    lr: float = 1e-4
+    structural: Literal["ssim", "gradient"] = "ssim"
+    structural_weight: float = 1.0
+    infrared: bool = True  # also reconstruct the infrared images (replicated to 3 channels)
+
+
+def load_ae_init(model: nn.Module, path: str | Path) -> None:
+    """Load AE weights from the authors' `{encoder, decoder}` file or from our "ae" checkpoint."""
+    from magicfuse.checkpoint import load_checkpoint
+    from magicfuse.models.importer import convert_part, read_torch_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: AE weights file not found")
+    raw = read_torch_file(path)
+    if isinstance(raw, dict) and raw.get("format") == "magicfuse":
+        state = load_checkpoint(path, kind="ae")["state_dict"]
+    else:
+        state = convert_part("ae", path)["state_dict"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the autoencoder: {exc}") from None
+
+
+def load_autoencoder(path: str | Path) -> nn.Module:
+    """An autoencoder from our "ae" checkpoint or from the authors' `{encoder, decoder}` file."""
+    from magicfuse.checkpoint import load_model
+    from magicfuse.models.importer import read_torch_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: autoencoder checkpoint not found")
+    raw = read_torch_file(path)
+    if isinstance(raw, dict) and raw.get("format") == "magicfuse":
+        return load_model(path, kind="ae")[0]
+    model = build_model("ae", "ae")
+    load_ae_init(model, path)
+    return model
+
+
+def ae_loss(model: nn.Module, batch: dict[str, Any], generator: torch.Generator, cfg: AETrainConfig
+            ) -> tuple[Tensor, dict[str, Tensor]]:
+    images = batch["clean"]
+    if cfg.infrared:
+        images = torch.cat([images, batch["infrared"].expand(-1, 3, -1, -1)], dim=0)
+    recon = model(images, None, generator)
+    return reconstruction_loss(recon.float(), images.float(), structural=cfg.structural,
+                               structural_weight=cfg.structural_weight)
+
+
+def train_autoencoder(cfg: AETrainConfig, shards_dir: str | Path, out_dir: str | Path, *,
+                      logger: Logger | None = None, artifacts: ArtifactFn | None = None) -> TrainResult:
+    """Train (or fine-tune) the autoencoder; writes `out_dir/ae.pt` (kind "ae", EMA weights)."""
+    from magicfuse.data.shards import make_loader, manifest_hash
+    from magicfuse.training import distributed as ddp
+
+    info = ddp.init_distributed(cfg.device)
+    with seeded(cfg.seed):
+        model = build_model("ae", cfg.model)
+    if cfg.init_from:
+        load_ae_init(model, cfg.init_from)
+    members = ("clean", "infrared") if cfg.infrared else ("clean",)
+    crop = None if cfg.crop is None else (cfg.crop, cfg.crop)
+
+    def loader(epoch: int):
+        return make_loader(shards_dir, cfg.split, batch_size=cfg.batch_size, crop=crop,
+                           num_workers=cfg.num_workers, seed=cfg.seed, epoch=epoch, rank=info.rank,
+                           world_size=info.world_size, shuffle=True, members=members)
+
+    def export(module: nn.Module, out: Path) -> dict[str, Path]:
+        from magicfuse.checkpoint import save_model
+
+        path = out / "ae.pt"
+        save_model(path, module, kind="ae", train_config=to_dict(cfg))
+        return {"ae": path}
+
+    def preview(module: nn.Module, batch: dict[str, Any], gen: torch.Generator) -> Tensor:
+        x = batch["clean"][:4]
+        return torch.cat([x, module(x, None, gen).float()], dim=-2)
+
+    job = TrainJob(
+        name="ae", model=model, model_config=model_config(model),
+        loss_fn=lambda m, b, g: ae_loss(m, b, g, cfg), make_loader=loader, export=export,
+        manifest_hash=manifest_hash(shards_dir), preview=preview,
+    )
+    return run_training(cfg, job, out_dir, logger=logger, artifacts=artifacts)

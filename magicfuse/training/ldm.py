@@ -1,0 +1,221 @@
+"""Training of the conditional latent denoisers Ψ (IKR) and Φ (CKG), eq. 7.
+
+With the autoencoder frozen:
+
+    c  = E(degraded visible)
+    z0 = E(clean visible)                         (IKR)
+         E(infrared replicated to 3 channels)     (CKG)
+    t ~ U{0..T-1},  ε ~ N(0, I),  z_t = √ᾱ_t·z0 + √(1−ᾱ_t)·ε
+    loss = ‖ε − UNet(z_t, t, c)‖²
+
+Every draw (encoder noise, t, ε) comes from the step's generator. After training,
+`evaluate_ldm_psnr` samples the EMA network with the project's one DDIM sampler
+(`magicfuse_sample`, variant "model4" = a single denoising stream) on a few test
+images and compares the result with the true target, beside a trivial baseline
+(the degraded input for IKR; a grey copy of the degraded input for CKG).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from magicfuse.config import to_dict
+from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
+from magicfuse.diffusion.schedule import (
+    BETA_END,
+    BETA_START,
+    NUM_TRAIN_STEPS,
+    eps_loss,
+    make_alphas_cumprod,
+    make_ddim_schedule,
+    q_sample,
+    sample_timesteps,
+)
+from magicfuse.errors import ConfigError, DataError
+from magicfuse.models import build_model, model_config
+from magicfuse.training import distributed as ddp
+from magicfuse.training.ae import load_autoencoder
+from magicfuse.training.loop import (
+    ArtifactFn,
+    Logger,
+    TrainConfig,
+    TrainJob,
+    TrainResult,
+    derive_seed,
+    freeze,
+    run_training,
+    seeded,
+)
+
+Branch = Literal["ikr", "ckg"]
+BRANCHES = ("ikr", "ckg")
+
+
+@dataclass(frozen=True)
+class LDMTrainConfig(TrainConfig):
+    model: str | None = None  # UNet preset; None = "<branch>-tiny"
+    lr: float = 1e-4
+    num_train_steps: int = NUM_TRAIN_STEPS
+    beta_start: float = BETA_START
+    beta_end: float = BETA_END
+    eval_samples: int = 4  # test images sampled after training for the PSNR check (0 = skip)
+    eval_steps: int = 25  # DDIM steps of that check
+    eval_split: str = "test"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_train_steps < 1:
+            raise ConfigError(f"LDMTrainConfig.num_train_steps must be >= 1, got {self.num_train_steps}")
+        if self.eval_samples < 0 or self.eval_steps < 1:
+            raise ConfigError("LDMTrainConfig: eval_samples must be >= 0 and eval_steps >= 1")
+
+
+def _check_branch(branch: str) -> None:
+    if branch not in BRANCHES:
+        raise ConfigError(f"branch must be 'ikr' or 'ckg', got {branch!r}")
+
+
+def branch_target(batch: dict[str, Any], branch: str) -> Tensor:
+    """The image a branch learns to produce: clean visible (IKR) or 3-channel infrared (CKG)."""
+    if branch == "ikr":
+        return batch["clean"]
+    return batch["infrared"].expand(-1, 3, -1, -1)
+
+
+def ldm_loss(unet: nn.Module, ae: nn.Module, batch: dict[str, Any], generator: torch.Generator, *,
+             branch: str, alphas_cumprod: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Eq. 7 on one batch; every random draw comes from `generator` (on the batch's device)."""
+    degraded = batch["degraded"]
+    with torch.no_grad():
+        cond = ae.encode(degraded, generator=generator).float()
+        z0 = ae.encode(branch_target(batch, branch), generator=generator).float()
+    t = sample_timesteps(z0.shape[0], generator, num_train_steps=alphas_cumprod.numel(), device=z0.device)
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    z_t = q_sample(z0, noise, alphas_cumprod[t])
+    eps = unet(z_t, t, cond)
+    loss = eps_loss(eps, noise)
+    return loss, {}
+
+
+def psnr(a: Tensor, b: Tensor) -> Tensor:
+    """Per-image PSNR in dB of two (B,C,H,W) images in [0,1] (peak 1; identical images give +inf)."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
+    return 10.0 * torch.log10(1.0 / mse)
+
+
+@torch.no_grad()
+def sample_branch(ae: nn.Module, unet: nn.Module, degraded: Tensor, *, steps: int = 25,
+                  generator: torch.Generator | None = None, schedule: Any = None) -> Tensor:
+    """One denoising stream (the sampler's "model4" path) → decoded (B,3,H,W) image in [0,1]."""
+    nets = MagicFuseNets(ae=ae, ikr=unet, ckg=None, fusion=None)
+    out = magicfuse_sample(nets, degraded, steps=steps, variant="model4", generator=generator, schedule=schedule)
+    return out.ikr
+
+
+@torch.no_grad()
+def evaluate_ldm_psnr(ae: nn.Module, unet: nn.Module, branch: str, shards_dir: str | Path, *,
+                      split: str = "test", samples: int = 4, steps: int = 25, seed: int = 0,
+                      num_train_steps: int = NUM_TRAIN_STEPS, beta_start: float = BETA_START,
+                      beta_end: float = BETA_END, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Sample the denoiser on the first `samples` images of `split` (full frames) and score it.
+
+    Returns mean PSNR (dB) of the branch output against its true target (`psnr`) and of
+    the trivial baseline against the same target (`psnr_baseline`): the degraded input
+    for IKR, a grey copy (channel mean) of the degraded input for CKG, whose output is
+    compared as 1-channel infrared (the channel mean of the decoded image).
+    """
+    from magicfuse.data.shards import make_loader
+
+    _check_branch(branch)
+    if samples < 1:
+        raise ConfigError(f"evaluate_ldm_psnr: samples must be >= 1, got {samples}")
+    device = torch.device(device)
+    ae.eval().to(device)
+    unet.eval().to(device)
+    schedule = make_ddim_schedule(steps, num_train_steps, beta_start, beta_end, device=device)
+    members = ("clean", "degraded") if branch == "ikr" else ("degraded", "infrared")
+    loader = make_loader(shards_dir, split, batch_size=1, crop=None, num_workers=0, shuffle=False, members=members)
+    ours, base, n = [], [], 0
+    for batch in loader:
+        degraded = batch["degraded"].to(device)
+        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, n, 0xE7A1))
+        out = sample_branch(ae, unet, degraded, steps=steps, generator=gen, schedule=schedule)
+        if branch == "ikr":
+            target = batch["clean"].to(device)
+            pred, baseline = out, degraded
+        else:
+            target = batch["infrared"].to(device)
+            pred, baseline = out.mean(dim=1, keepdim=True), degraded.mean(dim=1, keepdim=True)
+        ours.append(psnr(pred, target))
+        base.append(psnr(baseline, target))
+        n += 1
+        if n >= samples:
+            break
+    if n == 0:
+        raise DataError(f"{shards_dir}: split {split!r} has no samples to evaluate the {branch} denoiser on")
+    return {"psnr": float(torch.cat(ours).mean()), "psnr_baseline": float(torch.cat(base).mean()),
+            "eval_samples": float(n)}
+
+
+def train_ldm(cfg: LDMTrainConfig, *, branch: Branch, ae_checkpoint: str | Path, shards_dir: str | Path,
+              out_dir: str | Path, logger: Logger | None = None,
+              artifacts: ArtifactFn | None = None) -> TrainResult:
+    """Train the IKR or CKG denoiser; writes `out_dir/<branch>.pt` (kind "unet", EMA weights).
+
+    `ae_checkpoint`: our "ae" checkpoint or the authors' `official_ae.pth`.
+    `cfg.init_from`: an optional "unet" checkpoint to start from (fine-tuning).
+    """
+    from magicfuse.checkpoint import load_model, save_model
+    from magicfuse.data.shards import make_loader, manifest_hash
+
+    _check_branch(branch)
+    info = ddp.init_distributed(cfg.device)
+    device = ddp.resolve_device(cfg.device, info)
+    ae = freeze(load_autoencoder(ae_checkpoint)).to(device)
+    preset = cfg.model or f"{branch}-tiny"
+    if cfg.init_from:
+        unet, _ = load_model(cfg.init_from, kind="unet")
+    else:
+        with seeded(cfg.seed):
+            unet = build_model("unet", preset)
+    abar = make_alphas_cumprod(cfg.num_train_steps, cfg.beta_start, cfg.beta_end, device=device)
+    members = ("degraded", "clean") if branch == "ikr" else ("degraded", "infrared")
+    crop = None if cfg.crop is None else (cfg.crop, cfg.crop)
+
+    def loader(epoch: int):
+        return make_loader(shards_dir, cfg.split, batch_size=cfg.batch_size, crop=crop,
+                           num_workers=cfg.num_workers, seed=cfg.seed, epoch=epoch, rank=info.rank,
+                           world_size=info.world_size, shuffle=True, members=members)
+
+    def export(module: nn.Module, out: Path) -> dict[str, Path]:
+        path = out / f"{branch}.pt"
+        save_model(path, module, kind="unet", branch=branch, preset=preset, train_config=to_dict(cfg))
+        return {branch: path}
+
+    def evaluate(module: nn.Module) -> dict[str, float]:
+        if cfg.eval_samples == 0:
+            return {}
+        return evaluate_ldm_psnr(ae, module, branch, shards_dir, split=cfg.eval_split,
+                                 samples=cfg.eval_samples, steps=cfg.eval_steps, seed=cfg.seed,
+                                 num_train_steps=cfg.num_train_steps, beta_start=cfg.beta_start,
+                                 beta_end=cfg.beta_end, device=device)
+
+    def preview(module: nn.Module, batch: dict[str, Any], gen: torch.Generator) -> Tensor:
+        degraded = batch["degraded"][:4]
+        schedule = make_ddim_schedule(cfg.eval_steps, cfg.num_train_steps, cfg.beta_start, cfg.beta_end,
+                                      device=degraded.device)
+        out = sample_branch(ae, module, degraded, steps=cfg.eval_steps, generator=gen, schedule=schedule)
+        return torch.cat([degraded, out.float(), branch_target(batch, branch)[:4]], dim=-2)
+
+    job = TrainJob(
+        name=branch, model=unet, model_config=model_config(unet),
+        loss_fn=lambda m, b, g: ldm_loss(m, ae, b, g, branch=branch, alphas_cumprod=abar),
+        make_loader=loader, export=export, manifest_hash=manifest_hash(shards_dir),
+        evaluate=evaluate, preview=preview,
+    )
+    return run_training(cfg, job, out_dir, logger=logger, artifacts=artifacts)

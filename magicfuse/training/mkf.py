@@ -1,0 +1,151 @@
+"""Training of the fusion network F and segmentation head S (Algorithm 1).
+
+Ψ (IKR), Φ (CKG) and the autoencoder are frozen. For every batch:
+
+1. draw z_T (shared by the three streams), the segmentation state noise and the
+   encoder noise from the step's generator (inside the sampler, in that order);
+2. pick the truncation step i uniformly from the `sampler_steps`-step schedule;
+3. run the joint sampler `magicfuse_sample(..., stop_at=i, grad_step=i)`: steps
+   0..i run, autograd is on for F only at step i;
+4. decode the three ẑ0 estimates (MagImg, IKR, CKG: done by the sampler) and apply
+   the losses of eq. 15–16 (YCbCr contrast/texture/colour, class-weighted CE);
+5. update F and S (SGD, momentum 0.9, weight decay 1e-4, lr ×0.5 every
+   `lr_decay_every` steps).
+
+The batch shares one truncation step (the paper trains with batch 1, where this
+is exactly Algorithm 1). Outputs: `fusion.pt` and `pipeline.pt`, the bundle of
+the four networks and the sampler settings that users run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from magicfuse.config import to_dict
+from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
+from magicfuse.diffusion.schedule import make_ddim_schedule
+from magicfuse.errors import ConfigError
+from magicfuse.models import build_model, model_config
+from magicfuse.training import distributed as ddp
+from magicfuse.training.ae import load_autoencoder
+from magicfuse.training.loop import (
+    ArtifactFn,
+    Logger,
+    TrainConfig,
+    TrainJob,
+    TrainResult,
+    freeze,
+    run_training,
+    seeded,
+)
+from magicfuse.training.losses import FusionLossWeights, fusion_losses
+
+
+@dataclass(frozen=True)
+class MKFTrainConfig(TrainConfig):
+    model: str = "fusion-tiny"  # fusion network preset
+    optimizer: Literal["adam", "adamw", "sgd"] = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 1
+    lr_decay_every: int = 0  # paper: every 10 epochs
+    lr_decay_gamma: float = 0.5
+    grad_clip: float = 0.0
+    ema_decay: float = 0.0
+    sampler_steps: int = 25
+    tau: float = 0.4
+    thermal_classes: tuple[int, ...] = (1, 2)  # car, person (the paper); the authors' code uses (2,)
+    variant: Literal["full", "model1", "model2", "model3"] = "full"
+    w_contrast: float = 6.0
+    w_texture: float = 10.0
+    w_cb: float = 5.0
+    w_cr: float = 5.0
+    w_seg: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sampler_steps < 1:
+            raise ConfigError(f"MKFTrainConfig.sampler_steps must be >= 1, got {self.sampler_steps}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ConfigError(f"MKFTrainConfig.tau must be in [0, 1], got {self.tau}")
+
+    @property
+    def loss_weights(self) -> FusionLossWeights:
+        return FusionLossWeights(contrast=self.w_contrast, texture=self.w_texture, cb=self.w_cb, cr=self.w_cr,
+                                 seg=self.w_seg)
+
+    @property
+    def sampler_settings(self) -> dict[str, Any]:
+        return {"steps": self.sampler_steps, "tau": self.tau, "thermal_classes": list(self.thermal_classes),
+                "variant": self.variant}
+
+
+def mkf_loss(fusion: nn.Module, frozen: MagicFuseNets, batch: dict[str, Any], generator: torch.Generator,
+             cfg: MKFTrainConfig, schedule: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """Algorithm 1 on one batch (one truncation step for the batch)."""
+    n = len(schedule)
+    i = int(torch.randint(0, n, (1,), generator=generator, device=generator.device).item())
+    nets = MagicFuseNets(ae=frozen.ae, ikr=frozen.ikr, ckg=frozen.ckg, fusion=fusion)
+    out = magicfuse_sample(nets, batch["degraded"], tau=cfg.tau, thermal_classes=cfg.thermal_classes,
+                           variant=cfg.variant, generator=generator, stop_at=i, grad_step=i, schedule=schedule)
+    label = batch.get("label") if cfg.variant != "model2" else None
+    loss, terms = fusion_losses(out.magimg, out.ikr, out.ckg_ir, seg_logits=out.seg_logits, label=label,
+                                weights=cfg.loss_weights)
+    terms["trunc_step"] = torch.tensor(float(i))
+    return loss, terms
+
+
+def train_mkf(cfg: MKFTrainConfig, *, ae_checkpoint: str | Path, ikr_checkpoint: str | Path,
+              ckg_checkpoint: str | Path, shards_dir: str | Path, out_dir: str | Path,
+              logger: Logger | None = None, artifacts: ArtifactFn | None = None) -> TrainResult:
+    """Train F and S; writes `out_dir/fusion.pt` and `out_dir/pipeline.pt` (returned as `checkpoint`)."""
+    from magicfuse.checkpoint import load_model, save_model, save_pipeline
+    from magicfuse.data.shards import make_loader, manifest_hash
+
+    info = ddp.init_distributed(cfg.device)
+    device = ddp.resolve_device(cfg.device, info)
+    ae = freeze(load_autoencoder(ae_checkpoint)).to(device)
+    ikr = freeze(load_model(ikr_checkpoint, kind="unet")[0]).to(device)
+    ckg = freeze(load_model(ckg_checkpoint, kind="unet")[0]).to(device)
+    frozen = MagicFuseNets(ae=ae, ikr=ikr, ckg=ckg, fusion=None)
+    if cfg.init_from:
+        fusion, _ = load_model(cfg.init_from, kind="fusion")
+    else:
+        with seeded(cfg.seed):
+            fusion = build_model("fusion", cfg.model)
+    schedule = make_ddim_schedule(cfg.sampler_steps, device=device)
+    members = ("degraded", "label")
+    crop = None if cfg.crop is None else (cfg.crop, cfg.crop)
+
+    def loader(epoch: int):
+        return make_loader(shards_dir, cfg.split, batch_size=cfg.batch_size, crop=crop,
+                           num_workers=cfg.num_workers, seed=cfg.seed, epoch=epoch, rank=info.rank,
+                           world_size=info.world_size, shuffle=True, members=members)
+
+    def export(module: nn.Module, out: Path) -> dict[str, Path]:
+        fusion_path = save_model(out / "fusion.pt", module, kind="fusion", train_config=to_dict(cfg),
+                                 sampler=cfg.sampler_settings)
+        pipe_path = save_pipeline(out / "pipeline.pt", ae, ikr, ckg, module, sampler=cfg.sampler_settings,
+                                  train_config=to_dict(cfg))
+        return {"pipeline": pipe_path, "fusion": fusion_path}
+
+    def preview(module: nn.Module, batch: dict[str, Any], gen: torch.Generator) -> Tensor:
+        nets = MagicFuseNets(ae=ae, ikr=ikr, ckg=ckg, fusion=module)
+        degraded = batch["degraded"][:4]
+        out = magicfuse_sample(nets, degraded, tau=cfg.tau, thermal_classes=cfg.thermal_classes,
+                               variant=cfg.variant, generator=gen, schedule=schedule)
+        return torch.cat([degraded, out.ikr, out.ckg, out.magimg], dim=-2)
+
+    job = TrainJob(
+        name="mkf", model=fusion, model_config=model_config(fusion),
+        loss_fn=lambda m, b, g: mkf_loss(m, frozen, b, g, cfg, schedule),
+        make_loader=loader, export=export, manifest_hash=manifest_hash(shards_dir), preview=preview,
+        find_unused_parameters=True,
+    )
+    return run_training(cfg, job, out_dir, logger=logger, artifacts=artifacts)

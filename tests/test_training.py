@@ -1,0 +1,414 @@
+"""Trainers: losses, exact resume, NaN guard, outputs, Algorithm 1 gradients, convergence."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import need_shared
+
+from magicfuse.checkpoint import load_checkpoint, load_model, load_pipeline, save_model
+from magicfuse.config import from_mapping
+from magicfuse.data.classes import SEG_CLASS_WEIGHTS
+from magicfuse.data.readers import PairSample
+from magicfuse.data.shards import make_loader, write_shards
+from magicfuse.data.synthetic import generate_scene
+from magicfuse.diffusion.sampler import MagicFuseNets
+from magicfuse.diffusion.schedule import make_alphas_cumprod, make_ddim_schedule
+from magicfuse.imageio import read_image
+from magicfuse.errors import CheckpointError, ConfigError, TrainingError
+from magicfuse.models import build_model
+from magicfuse.training import (
+    AETrainConfig,
+    LDMTrainConfig,
+    MKFTrainConfig,
+    evaluate_ldm_psnr,
+    train_autoencoder,
+    train_ldm,
+    train_mkf,
+)
+from magicfuse.training import ldm as ldm_mod
+from magicfuse.training.ae import load_ae_init
+from magicfuse.training.ldm import ldm_loss, psnr
+from magicfuse.training.loop import BatchStream, lr_at, seeded, step_generator
+from magicfuse.training.losses import (
+    fusion_losses,
+    rgb_to_ycbcr,
+    segmentation_loss,
+    sobel_magnitude,
+    ssim,
+)
+from magicfuse.training.mkf import mkf_loss
+
+H, W = 32, 48
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks run much faster single-threaded (and the CI machine is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _sample(split: str, i: int) -> PairSample:
+    sc = generate_scene(0, (0 if split == "train" else 1000) + i, height=H, width=W)
+    return PairSample(key=f"{split}{i:03d}", visible=sc.visible, infrared=sc.infrared, label=sc.label,
+                      boxes=None, source="synthetic", split=split, paths={})
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    write_shards((_sample("train", i) for i in range(8)), out, split="train", cfg={"samples_per_shard": 4})
+    write_shards((_sample("test", i) for i in range(2)), out, split="test")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ae_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ae") / "ae.pt"
+    with seeded(0):
+        save_model(path, build_model("ae", "ae"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def unet_ckpts(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("unets")
+    with seeded(1):
+        save_model(d / "ikr.pt", build_model("unet", "ikr-tiny"))
+    with seeded(2):
+        save_model(d / "ckg.pt", build_model("unet", "ckg-tiny"))
+    return d / "ikr.pt", d / "ckg.pt"
+
+
+def ldm_cfg(**over) -> LDMTrainConfig:
+    base = {"steps": 5, "batch_size": 3, "crop": 16, "log_every": 1, "ckpt_every": 2, "device": "cpu",
+            "progress": False, "eval_samples": 0, "ema_decay": 0.9, "seed": 3}
+    base.update(over)
+    return from_mapping(LDMTrainConfig, base)
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_ycbcr_known_values():
+    rgb = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 3)
+    y, cb, cr = rgb_to_ycbcr(rgb)
+    assert torch.allclose(y.flatten(), torch.tensor([1.0, 0.299, 0.0]))
+    assert torch.allclose(cb.flatten(), torch.tensor([0.5, 0.5 - 0.299 * 0.564, 0.5]))
+    assert torch.allclose(cr.flatten(), torch.tensor([0.5, 0.5 + 0.701 * 0.713, 0.5]))
+
+
+def test_sobel_magnitude_edge_and_flat():
+    flat = torch.full((1, 1, 6, 6), 0.3)
+    assert torch.equal(sobel_magnitude(flat), torch.zeros_like(flat))
+    step = torch.zeros(1, 1, 6, 6)
+    step[..., 3:] = 1.0  # vertical edge between columns 2 and 3
+    g = sobel_magnitude(step)
+    assert torch.allclose(g[0, 0, 2:4, 2], torch.tensor([4.0, 4.0]))  # |gx| = 1+2+1
+    assert torch.equal(g[0, 0, :, 0], torch.zeros(6))
+
+
+def test_ssim_identity_and_drop():
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert float(ssim(x, x)) == pytest.approx(1.0, abs=1e-5)
+    assert float(ssim(x, 1 - x)) < 0.0
+
+
+def test_fusion_losses_zero_when_targets_met_and_weighted():
+    gen = torch.Generator().manual_seed(0)
+    ikr = torch.rand(1, 3, 16, 16, generator=gen)
+    ckg = torch.zeros(1, 1, 16, 16)  # darker and flatter than IKR: max() picks IKR everywhere
+    total, terms = fusion_losses(ikr, ikr, ckg)
+    assert float(total) == 0.0 and all(float(v) == 0.0 for v in terms.values())
+    mag = ikr.clone()
+    mag[:, 0] += 0.1  # shift red: contrast, texture-free, colour terms react
+    total, terms = fusion_losses(mag, ikr, ckg)
+    expect = 6 * terms["contrast"] + 10 * terms["texture"] + 5 * terms["cb"] + 5 * terms["cr"]
+    assert float(total) == pytest.approx(float(expect), rel=1e-6)
+    assert float(terms["cr"]) > 0 and float(terms["contrast"]) > 0
+
+
+def test_segmentation_loss_weights_and_ignore():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 9, 8, 8, generator=gen)
+    label = torch.randint(0, 9, (2, 8, 8), generator=gen)
+    label[0, :2] = 255
+    ref = F.cross_entropy(logits, label, weight=torch.tensor(SEG_CLASS_WEIGHTS), ignore_index=255)
+    assert torch.allclose(segmentation_loss(logits, label), ref)
+    none = segmentation_loss(logits.requires_grad_(), torch.full((2, 8, 8), 255))
+    assert float(none.detach()) == 0.0 and none.requires_grad  # no NaN from an all-ignore label
+
+
+# --------------------------------------------------------------------------- configs, helpers
+
+
+def test_config_rejects_unknown_and_bad_values():
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_mapping(LDMTrainConfig, {"stepz": 3})
+    with pytest.raises(ConfigError, match="lr"):
+        from_mapping(AETrainConfig, {"lr": -1.0})
+    with pytest.raises(ConfigError, match="batch_size"):
+        from_mapping(MKFTrainConfig, {"batch_size": 0})
+    cfg = from_mapping(MKFTrainConfig, {})
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay) == ("sgd", 1e-3, 0.9, 1e-4)
+    assert (cfg.w_contrast, cfg.w_texture, cfg.w_cb, cfg.w_cr) == (6.0, 10.0, 5.0, 5.0)
+
+
+def test_lr_schedule_step_decay_and_warmup():
+    cfg = from_mapping(MKFTrainConfig, {"lr_decay_every": 10, "warmup_steps": 2})
+    assert lr_at(cfg, 0) == pytest.approx(5e-4)
+    assert lr_at(cfg, 5) == pytest.approx(1e-3)
+    assert lr_at(cfg, 10) == pytest.approx(5e-4)
+    assert lr_at(cfg, 25) == pytest.approx(2.5e-4)
+
+
+def test_step_generator_is_a_function_of_seed_step_rank():
+    dev = torch.device("cpu")
+    a = torch.rand(4, generator=step_generator(0, 5, 0, dev))
+    assert torch.equal(a, torch.rand(4, generator=step_generator(0, 5, 0, dev)))
+    assert not torch.equal(a, torch.rand(4, generator=step_generator(0, 6, 0, dev)))
+    assert not torch.equal(a, torch.rand(4, generator=step_generator(0, 5, 1, dev)))
+
+
+def test_batch_stream_resumes_mid_epoch(shards):
+    def loader(epoch):
+        return make_loader(shards, "train", batch_size=3, crop=(16, 16), seed=0, epoch=epoch)
+
+    straight = BatchStream(loader)
+    keys = [next(straight)["key"] for _ in range(7)]  # 3 batches (3,3,2) per epoch
+    part = BatchStream(loader)
+    for _ in range(4):
+        next(part)
+    resumed = BatchStream(loader, part.epoch, part.index)
+    assert [next(resumed)["key"] for _ in range(3)] == keys[4:]
+    assert keys[0] != keys[3]  # epochs are shuffled differently
+
+
+# --------------------------------------------------------------------------- trainers
+
+
+def test_ldm_resume_is_bit_identical(shards, ae_ckpt, tmp_path):
+    straight = train_ldm(ldm_cfg(), branch="ikr", ae_checkpoint=ae_ckpt, shards_dir=shards,
+                         out_dir=tmp_path / "a")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(metrics, step):  # after step 3: step 3 is lost, the run resumes from step 2
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_ldm(ldm_cfg(), branch="ikr", ae_checkpoint=ae_ckpt, shards_dir=shards,
+                  out_dir=tmp_path / "b", logger=kill_at_3)
+    mid = load_checkpoint(tmp_path / "b" / "last.pt", kind="train-state")
+    assert mid["progress"]["step"] == 2 and not (tmp_path / "b" / "ikr.pt").exists()
+    resumed = train_ldm(ldm_cfg(), branch="ikr", ae_checkpoint=ae_ckpt, shards_dir=shards,
+                        out_dir=tmp_path / "b")
+
+    a = load_checkpoint(tmp_path / "a" / "last.pt", kind="train-state")
+    b = load_checkpoint(tmp_path / "b" / "last.pt", kind="train-state")
+    assert state_equal(a["state_dict"], b["state_dict"])
+    assert state_equal(a["ema"]["state_dict"], b["ema"]["state_dict"])
+    fa, _ = load_model(straight.checkpoint, kind="unet")
+    fb, _ = load_model(resumed.checkpoint, kind="unet")
+    assert state_equal(fa.state_dict(), fb.state_dict())
+    assert not state_equal(fa.state_dict(), mid["state_dict"])  # training did move the weights
+    assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5]
+    assert b["progress"]["epoch"] == 1  # 8 samples in batches of 3: the run crossed an epoch
+
+
+def test_resume_refuses_changed_config(shards, ae_ckpt, tmp_path):
+    train_ldm(ldm_cfg(steps=2, ckpt_every=1), branch="ikr", ae_checkpoint=ae_ckpt, shards_dir=shards,
+              out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="lr"):
+        train_ldm(ldm_cfg(steps=3, lr=2e-4), branch="ikr", ae_checkpoint=ae_ckpt, shards_dir=shards,
+                  out_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="stage"):
+        train_ldm(ldm_cfg(steps=3), branch="ckg", ae_checkpoint=ae_ckpt, shards_dir=shards, out_dir=tmp_path)
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(shards, ae_ckpt, tmp_path, monkeypatch):
+    real = ldm_mod.ldm_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("inf") if calls["n"] == 3 else loss), metrics
+
+    monkeypatch.setattr(ldm_mod, "ldm_loss", poisoned)
+    with pytest.raises(TrainingError, match="step 3"):
+        train_ldm(ldm_cfg(ckpt_every=1), branch="ckg", ae_checkpoint=ae_ckpt, shards_dir=shards,
+                  out_dir=tmp_path)
+    kept = load_checkpoint(tmp_path / "last.pt", kind="train-state")
+    assert kept["progress"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+    assert not (tmp_path / "ckg.pt").exists()
+
+
+def test_huge_learning_rate_is_caught(shards, ae_ckpt, tmp_path):
+    with pytest.raises(TrainingError, match="not finite|loss is"):
+        train_ldm(ldm_cfg(lr=1e30, grad_clip=0.0, ckpt_every=100, steps=6), branch="ikr",
+                  ae_checkpoint=ae_ckpt, shards_dir=shards, out_dir=tmp_path)
+    assert not (tmp_path / "ikr.pt").exists()
+
+
+def test_autoencoder_outputs_and_logger(shards, tmp_path):
+    seen = []
+    cfg = from_mapping(AETrainConfig, {"steps": 3, "batch_size": 2, "crop": 16, "log_every": 2, "ckpt_every": 10,
+                                       "device": "cpu", "progress": False, "sample_every": 3})
+    art = []
+    res = train_autoencoder(cfg, shards, tmp_path, logger=lambda m, s: seen.append((s, m)), artifacts=art.append)
+    assert res.checkpoint == tmp_path / "ae.pt"
+    model, payload = load_model(res.checkpoint, kind="ae")
+    assert payload["train_config"]["steps"] == 3
+    assert [s for s, _ in seen] == [2, 3] and {"loss", "l1", "ssim", "lr"} <= set(seen[0][1])
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert [h["step"] for h in hist] == [2, 3] and hist == res.history
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["ae"]
+    assert metrics["steps"] == 3 and math.isfinite(metrics["loss"]) and metrics["images_per_s"] > 0
+    rows = list(csv.DictReader((tmp_path / "loss.csv").open()))
+    assert [float(r["step"]) for r in rows] == [2, 3] and "loss" in rows[0]
+    assert (tmp_path / "samples" / "step_0000003.png").exists() and (tmp_path / "loss.png").exists()
+    assert tmp_path / "samples" / "step_0000003.png" in art
+    # a finished run rerun is a no-op that re-exports the same weights
+    again = train_autoencoder(cfg, shards, tmp_path)
+    m2, _ = load_model(again.checkpoint, kind="ae")
+    assert state_equal(model.state_dict(), m2.state_dict())
+
+
+@pytest.mark.needs_shared
+def test_official_ae_init_beats_random(shards, tmp_path):
+    official = need_shared("weights", "official_ae.pth")
+    x = read_image(need_shared("data", "msrs", "test", "vi", "00012N.png"), mode="rgb")[:128, :128]
+    x = torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255.0
+    errors = {}
+    for name in ("random", "official"):
+        with seeded(0):
+            ae = build_model("ae", "ae").eval()
+        if name == "official":
+            load_ae_init(ae, official)
+        with torch.no_grad():
+            errors[name] = float((ae(x, None, torch.Generator().manual_seed(0)) - x).abs().mean())
+    assert errors["official"] < 0.5 * errors["random"]
+    bad = tmp_path / "bad.pth"
+    torch.save({"weights": torch.zeros(3)}, bad)
+    with pytest.raises(CheckpointError, match="bad.pth"):
+        load_ae_init(build_model("ae", "ae"), bad)
+
+
+def test_ldm_loss_decreases_on_a_fixed_batch(shards, ae_ckpt):
+    ae, _ = load_model(ae_ckpt, kind="ae")
+    ae.requires_grad_(False)
+    with seeded(0):
+        unet = build_model("unet", "ikr-tiny")
+    batch = next(iter(make_loader(shards, "train", batch_size=2, crop=(16, 16), seed=0, shuffle=False)))
+    abar = make_alphas_cumprod()
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            return sum(float(ldm_loss(unet, ae, batch, torch.Generator().manual_seed(100 + k), branch="ikr",
+                                      alphas_cumprod=abar)[0]) for k in range(4)) / 4
+
+    before = fixed_loss()
+    opt = torch.optim.Adam(unet.parameters(), lr=2e-3)
+    for step in range(30):
+        loss, _ = ldm_loss(unet, ae, batch, torch.Generator().manual_seed(step), branch="ikr", alphas_cumprod=abar)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = fixed_loss()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_evaluate_ldm_psnr_reports_baseline(shards, ae_ckpt, unet_ckpts):
+    ae, _ = load_model(ae_ckpt, kind="ae")
+    ckg, _ = load_model(unet_ckpts[1], kind="unet")
+    res = evaluate_ldm_psnr(ae, ckg, "ckg", shards, split="test", samples=2, steps=3)
+    loader = make_loader(shards, "test", batch_size=1, crop=None, shuffle=False, members=("degraded", "infrared"))
+    base = [float(psnr(b["degraded"].mean(1, keepdim=True), b["infrared"])) for b in loader]
+    assert res["psnr_baseline"] == pytest.approx(sum(base) / 2, rel=1e-5)
+    assert math.isfinite(res["psnr"]) and res["eval_samples"] == 2
+    again = evaluate_ldm_psnr(ae, ckg, "ckg", shards, split="test", samples=2, steps=3)
+    assert again == res  # deterministic sampling
+
+
+def test_mkf_gradients_reach_only_fusion(shards, ae_ckpt, unet_ckpts):
+    ae, _ = load_model(ae_ckpt, kind="ae")
+    ikr, _ = load_model(unet_ckpts[0], kind="unet")
+    ckg, _ = load_model(unet_ckpts[1], kind="unet")
+    for m in (ae, ikr, ckg):
+        m.requires_grad_(False)
+    frozen_before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in
+                     (("ae", ae), ("ikr", ikr), ("ckg", ckg))}
+    with seeded(0):
+        fusion = build_model("fusion", "fusion-tiny")
+    cfg = from_mapping(MKFTrainConfig, {"sampler_steps": 4, "crop": 16})
+    batch = next(iter(make_loader(shards, "train", batch_size=1, crop=(16, 16), members=("degraded", "label"))))
+    loss, terms = mkf_loss(fusion, MagicFuseNets(ae=ae, ikr=ikr, ckg=ckg), batch,
+                           torch.Generator().manual_seed(0), cfg, make_ddim_schedule(4))
+    assert {"contrast", "texture", "cb", "cr", "seg"} <= set(terms)
+    loss.backward()
+    assert all(p.grad is None for m in (ae, ikr, ckg) for p in m.parameters())
+    grads = [p.grad for p in fusion.parameters()]
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) > 0.5 * len(grads)
+
+
+def test_train_mkf_updates_fusion_and_bundles_pipeline(shards, ae_ckpt, unet_ckpts, tmp_path):
+    cfg = from_mapping(MKFTrainConfig, {"steps": 2, "sampler_steps": 4, "crop": 16, "device": "cpu",
+                                        "progress": False, "log_every": 1, "thermal_classes": [2]})
+    res = train_mkf(cfg, ae_checkpoint=ae_ckpt, ikr_checkpoint=unet_ckpts[0], ckg_checkpoint=unet_ckpts[1],
+                    shards_dir=shards, out_dir=tmp_path)
+    assert res.checkpoint == tmp_path / "pipeline.pt" and res.files["fusion"] == tmp_path / "fusion.pt"
+    nets, payload = load_pipeline(res.checkpoint)
+    assert payload["sampler"] == {"steps": 4, "tau": 0.4, "thermal_classes": [2], "variant": "full"}
+    for name, path in (("ae", ae_ckpt), ("ikr", unet_ckpts[0]), ("ckg", unet_ckpts[1])):
+        original, _ = load_model(path)
+        assert state_equal(nets[name].state_dict(), original.state_dict()), name
+    with seeded(cfg.seed):
+        init = build_model("fusion", "fusion-tiny")
+    trained, _ = load_model(res.files["fusion"], kind="fusion")
+    assert state_equal(trained.state_dict(), nets["fusion"].state_dict())
+    assert not state_equal(trained.state_dict(), init.state_dict())
+    assert {"contrast", "texture", "cb", "cr", "seg", "trunc_step"} <= set(res.history[0])
+
+
+@pytest.mark.slow
+@pytest.mark.needs_shared
+def test_trained_ckg_beats_grey_copy_of_input(tmp_path):
+    """The pipeline's check: CKG's infrared is closer to the true infrared than a grey degraded input.
+
+    About 3-5 minutes on two CPU cores (official AE, tiny CKG, 600 steps on 64x64 synthetic scenes).
+    """
+    official = need_shared("weights", "official_ae.pth")
+    shards = tmp_path / "shards"
+
+    def samples(split, n, offset):
+        for i in range(n):
+            sc = generate_scene(0, offset + i, height=64, width=64)
+            yield PairSample(key=f"{split}{i:03d}", visible=sc.visible, infrared=sc.infrared, label=sc.label,
+                             boxes=None, source="synthetic", split=split, paths={})
+
+    write_shards(samples("train", 32, 0), shards, split="train", cfg={"samples_per_shard": 16})
+    write_shards(samples("test", 4, 1000), shards, split="test")
+    cfg = from_mapping(LDMTrainConfig, {"steps": 600, "batch_size": 8, "crop": 32, "lr": 1e-3, "log_every": 50,
+                                        "ckpt_every": 1000, "device": "cpu", "progress": False,
+                                        "eval_samples": 4, "eval_steps": 10, "ema_decay": 0.99})
+    res = train_ldm(cfg, branch="ckg", ae_checkpoint=official, shards_dir=shards, out_dir=tmp_path / "run")
+    assert res.history[-1]["loss"] < 0.3 * res.history[0]["loss"]
+    assert res.final_metrics["psnr"] > res.final_metrics["psnr_baseline"], res.final_metrics
