@@ -231,11 +231,12 @@ def promote_if_better(model_name: str, version: str | int, *, metric: str, highe
         champ_mv = None
     champ_val = None
     champ_version = None
-    if champ_mv is not None and champ_mv.version != version:
-        champ_version = champ_mv.version
+    holder = None if champ_mv is None else str(champ_mv.version)  # MLflow gives int or str versions
+    if champ_mv is not None and holder != version:
+        champ_version = holder
         champ_val = _run_metric(client, champ_mv.tags.get("magicfuse.eval_run_id") or champ_mv.run_id, metric)
     better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
-    if champ_mv is not None and champ_mv.version == version:
+    if champ_mv is not None and holder == version:
         promoted, reason = True, f"v{version} already holds @{alias}"
     elif champ_mv is None:
         promoted, reason = True, f"no @{alias} yet; v{version} {metric}={cand:.6g} becomes {alias}"
@@ -503,9 +504,11 @@ def log_pipeline_model(checkpoint_path: str | Path, *, registered_name: str = "m
     """Log the full MagicFuse pipeline (a pipeline checkpoint) as a registered pyfunc model.
 
     The wrapper is `magicfuse.inference.MagicFusePyfunc` (artifact "pipeline" = the
-    checkpoint): degraded visible uint8 (B,H,W,3) -> MagImg uint8 (B,H,W,3). The
-    signature and input example come from running the model once on a synthetic
-    degraded image of size `example_hw`. Logs into the active run (else a run of
+    checkpoint): degraded visible uint8 (B,H,W,3) -> MagImg uint8 (B,H,W,3); predict
+    params `seed`, `steps`, `tau`, `batch_size` (defaults: the checkpoint's sampler
+    settings). The signature comes from running the model once on a synthetic degraded
+    image of size `example_hw`; the stored input example asks for one DDIM step (MLflow
+    re-runs it to validate the logged model). Logs into the active run (else a run of
     its own) and returns the new `ModelVersion`, tagged with the checkpoint's sha256.
     """
     from mlflow.pyfunc import PythonModelContext
@@ -515,17 +518,20 @@ def log_pipeline_model(checkpoint_path: str | Path, *, registered_name: str = "m
 
     ckpt = _existing(checkpoint_path, "pipeline")
     payload = load_checkpoint(ckpt, kind="pipeline")
-    model = MagicFusePyfunc()
+    sampler = payload.get("sampler", {})
+    params = {"seed": 0, "steps": int(sampler.get("steps", 25)), "tau": float(sampler.get("tau", 0.4)),
+              "batch_size": 4}
+    example_params = {**params, "steps": 1}
     example_in = _example_image(example_hw)
     probe = MagicFusePyfunc()
     probe.load_context(PythonModelContext(artifacts={PIPELINE_ARTIFACT: str(ckpt)}, model_config={}))
-    example_out = probe.predict(None, example_in)
-    sampler = payload.get("sampler", {})
+    example_out = probe.predict(None, example_in, example_params)
     all_tags = {"magicfuse.kind": "pipeline", "magicfuse.checkpoint_sha256": _sha256(ckpt),
                 "magicfuse.sampler": json.dumps(sampler, sort_keys=True, default=str), **(tags or {})}
-    return _log_pyfunc(model, {PIPELINE_ARTIFACT: str(ckpt)}, registered_name=registered_name,
-                       example_in=example_in, example_out=example_out, params={},
-                       tags=all_tags, name="magicfuse", run_name=f"log-model-{registered_name}")
+    return _log_pyfunc(MagicFusePyfunc(), {PIPELINE_ARTIFACT: str(ckpt)}, registered_name=registered_name,
+                       example_in=example_in, example_out=example_out, params=params,
+                       example_params=example_params, tags=all_tags, name="magicfuse",
+                       run_name=f"log-model-{registered_name}")
 
 
 def log_component_model(kind: str, checkpoint_path: str | Path, ae_checkpoint: str | Path | None = None, *,

@@ -1,0 +1,1 @@
+"""Prefect 3 flows over the pipeline steps of `magicfuse.pipeline` (see docs/ORCHESTRATION.md)."""

@@ -1,0 +1,193 @@
+"""Prefect flows (flows/pipeline.py) and their deployments (prefect.yaml).
+
+The end-to-end test runs the whole tiny pipeline flow offline under
+`prefect_test_harness` (a temporary local Prefect server), in a temporary project
+folder with its own sqlite MLflow store.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+prefect = pytest.importorskip("prefect")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `flows` is a top-level folder of the repository, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from flows import pipeline as fp  # noqa: E402
+from magicfuse.errors import ConfigError  # noqa: E402
+
+# Small enough for ~a minute on 2 CPU cores; every stage still really runs.
+TINY = {
+    "synthesize": {"height": 32, "width": 48, "splits": {"train": 6, "val": 2, "test": 2}},
+    "shards": {"samples_per_shard": 4},
+    "train_ae": {"steps": 2, "batch_size": 2, "crop": 32, "log_every": 1, "ckpt_every": 2},
+    "train_ikr": {"steps": 2, "batch_size": 2, "crop": 32, "log_every": 1, "ckpt_every": 2,
+                  "eval_samples": 1, "eval_steps": 1},
+    "train_ckg": {"steps": 2, "batch_size": 2, "crop": 32, "log_every": 1, "ckpt_every": 2,
+                  "eval_samples": 1, "eval_steps": 1},
+    "train_mkf": {"steps": 2, "batch_size": 1, "crop": 32, "log_every": 1, "ckpt_every": 2, "sampler_steps": 2},
+    "evaluate": {"max_images": 2, "batch_size": 2, "taus": [0.4], "ablations": ["model4"], "ablation_images": 1,
+                 "segformer": {"max_steps": 2, "epochs": 1, "batch_size": 2, "eval_batch_size": 2},
+                 "segformer_train_images": 4, "grid_images": 1, "progress": False},
+}
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_resolve_params_profile_and_overrides(tmp_path):
+    params = _write(tmp_path / "params.yaml", {"profile": "tiny", "train_ae": {"steps": 300, "lr": 0.001},
+                                               "tracking": {"model_name": "magicfuse"}})
+    _write(tmp_path / "profiles" / "paper.yaml", {"train_ae": {"steps": 100000}})
+
+    assert fp.resolve_params(str(params))["train_ae"] == {"steps": 300, "lr": 0.001}
+    paper = fp.resolve_params(str(params), profile="paper")
+    assert paper["profile"] == "paper" and paper["train_ae"] == {"steps": 100000, "lr": 0.001}
+    over = fp.resolve_params(str(params), profile="paper", overrides={"train_ae": {"lr": 0.5}})
+    assert over["train_ae"] == {"steps": 100000, "lr": 0.5}
+    assert over["tracking"] == {"model_name": "magicfuse"}
+
+    # a file that selects paper, asked for tiny: the file as written, no profile merge
+    _write(tmp_path / "p2.yaml", {"profile": "paper", "train_ae": {"steps": 3}})
+    assert fp.resolve_params(str(tmp_path / "p2.yaml"), profile="tiny")["train_ae"] == {"steps": 3}
+    assert fp.resolve_params(str(tmp_path / "p2.yaml"))["train_ae"] == {"steps": 100000}
+
+    with pytest.raises(ConfigError, match=r"profile 'huge' requested but .*profiles/huge.yaml does not exist"):
+        fp.resolve_params(str(params), profile="huge")
+    with pytest.raises(ConfigError, match="parameters file not found"):
+        fp.resolve_params(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="overrides must be a mapping"):
+        fp.resolve_params(str(params), overrides=["train_ae.steps=1"])
+
+
+def test_parse_set():
+    assert fp.parse_set(["train_ae.steps=5", "train_mkf.thermal_classes=[2]", "profile=paper", "a.b.c=x"]) == {
+        "train_ae": {"steps": 5}, "train_mkf": {"thermal_classes": [2]}, "profile": "paper", "a": {"b": {"c": "x"}}}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        fp.parse_set(["train_ae.steps"])
+    with pytest.raises(ConfigError, match="already given a value"):
+        fp.parse_set(["a=1", "a.b=2"])
+
+
+def test_command_line_reports_bad_parameters(tmp_path, capsys):
+    assert fp.main(["--params", str(tmp_path / "missing.yaml")]) == 1
+    assert "parameters file not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- deployments
+
+
+def test_prefect_yaml_deployments_match_the_flows():
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.flows import load_flow_from_entrypoint
+
+    raw = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    cfg = PrefectYamlModel.model_validate(raw)
+    names = set()
+    for dep in cfg.deployments:
+        assert dep.work_pool is not None and dep.work_pool.name == "magicfuse-gpu"
+        file, func = dep.entrypoint.split(":")
+        assert (REPO / file).is_file()
+        flow_obj = load_flow_from_entrypoint(str(REPO / file) + ":" + func)
+        names.add(f"{flow_obj.name}/{dep.name}")
+        flow_obj.validate_parameters(dict(dep.parameters))  # raises on unknown or mistyped parameters
+    assert {"magicfuse-pipeline/gpu", "train/gpu", "evaluate/gpu", "data/gpu"} <= names
+    step = raw["pull"][0]
+    assert step["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $MAGICFUSE_HOME }}"
+
+
+def test_flow_parameters_reject_unknown_keys():
+    with pytest.raises(Exception, match="params"):
+        fp.magicfuse_pipeline.validate_parameters({"param_path": "params.yaml"})
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def sqlite_store(root: Path, config) -> str:
+    """URI of a fresh, empty sqlite tracking store in `root`.
+
+    Creating MLflow's tables takes ~10 s, so the first empty store is kept in pytest's
+    cache (per MLflow version) and copied afterwards.
+    """
+    import shutil
+
+    import mlflow
+
+    db = root / "mlflow.db"
+    cache = getattr(config, "cache", None)
+    template = cache.mkdir(f"mlflow-{mlflow.__version__}-empty-store") / "mlflow.db" if cache else None
+    if template is not None and template.is_file():
+        shutil.copyfile(template, db)
+    else:
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # creates the tables
+        if template is not None:
+            tmp = template.with_suffix(f".{os.getpid()}.tmp")
+            shutil.copyfile(db, tmp)
+            os.replace(tmp, template)
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+@pytest.mark.slow  # ~2 min on 2 busy CPU cores (every stage really trains, evaluates and registers)
+def test_pipeline_flow_end_to_end(prefect_harness, tmp_path, monkeypatch, pytestconfig):
+    import mlflow
+
+    from magicfuse.checkpoint import load_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_store(tmp_path, pytestconfig))
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    monkeypatch.delenv("MAGICFUSE_PIPELINE_RUN_ID", raising=False)
+
+    state = fp.magicfuse_pipeline(params_path=str(REPO / "params.yaml"), overrides=TINY, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    run_id = result["pipeline_run_id"]
+    assert os.environ.get("MAGICFUSE_PIPELINE_RUN_ID") is None  # restored after the flow
+
+    ckpt = tmp_path / "artifacts" / "mkf" / "pipeline.pt"
+    modules, payload = load_pipeline(ckpt)
+    assert set(modules) == {"ae", "ikr", "ckg", "fusion"} and payload["sampler"]["steps"] == 2
+    assert set(result["train"]) == {"train_ae", "train_ikr", "train_ckg", "train_mkf"}
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["magicfuse.orchestrator"] == "prefect"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    by_name = {r.info.run_name: r for r in children}
+    assert {"synthesize", "shards@synthetic", "train_ae", "train_ikr", "train_ckg", "train_mkf",
+            "evaluate"} <= set(by_name)
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert by_name["train_ae"].data.params["train_ae.steps"] == "2"
+
+    # train_ikr and train_ckg ran concurrently: their stage runs overlap in time
+    ikr, ckg = by_name["train_ikr"].info, by_name["train_ckg"].info
+    assert ikr.start_time < ckg.end_time and ckg.start_time < ikr.end_time
+
+    versions = client.search_model_versions("name = 'magicfuse'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert str(client.get_model_version_by_alias("magicfuse", "champion").version) == "1"
+    assert versions[0].run_id == by_name["evaluate"].info.run_id
