@@ -17,6 +17,7 @@ from magicfuse.errors import MagicFuseError
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "magicfuse.models.importer",
     "magicfuse.evaluation.fusion_eval",
+    "magicfuse.fuse_cli",
 )
 
 

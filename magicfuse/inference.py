@@ -1,0 +1,515 @@
+"""Inference for users: ``MagicFuse.from_pretrained(source).fuse(images)``.
+
+Sources (:meth:`MagicFuse.from_pretrained`):
+
+* an MLflow model URI — ``models:/magicfuse@champion``, ``models:/magicfuse/3``,
+  ``runs:/<run id>/<path>`` (any URI with a scheme that is not an existing file). The
+  model is downloaded with ``mlflow.artifacts.download_artifacts``; the logged pyfunc
+  model keeps our pipeline checkpoint as the artifact named ``pipeline``, found as
+  ``artifacts/pipeline*.pt`` inside the downloaded folder (or any ``pipeline*.pt`` below it);
+* a MagicFuse pipeline checkpoint (``.pt``, kind ``"pipeline"``);
+* a folder holding a downloaded MLflow model (an ``MLmodel`` file) or a pipeline
+  checkpoint named ``pipeline*.pt``;
+* a folder of the authors' released checkpoints: four torch files (``.pt``, ``.pth``,
+  ``.ckpt``, ``.bin``) whose names contain, as a word separated by ``_``/``-``/``.``,
+  ``ae`` (or ``autoencoder``), ``ikr``, ``ckg`` and ``mkf`` (or ``fusion``) — for
+  example ``official_ae.pth``, ``ikr.pt``, ``ckg_last.ckpt``, ``mkf-epoch30.pth``.
+  They are converted with :func:`magicfuse.models.importer.import_official` into a
+  temporary pipeline bundle (the authors' sampler: 25 steps, τ = 0.4, person thermal).
+
+Problems raise :class:`~magicfuse.errors.CheckpointError` naming the path.
+
+Inputs of :meth:`MagicFuse.fuse`: PIL images; numpy arrays ``H×W×3`` (RGB), ``H×W×4``
+(alpha dropped), ``H×W`` or ``H×W×1`` (grey, replicated) — uint8, or float in [0, 1];
+torch tensors ``(3,H,W)``/``(1,H,W)``/``(H,W)`` or a batch ``(B,3,H,W)``, float in
+[0, 1] (uint8 tensors are divided by 255). Any size (the sampler pads and crops back).
+
+Determinism: every image gets its own generator, seeded from ``(seed, index)`` (index
+= position in the list passed to ``fuse``, or an explicit per-image seed), from which
+its z_T, segmentation noise and encoder noise are drawn on the CPU. So the batch size
+and the grouping by size do not change any image's noise, and the networks use no batch
+statistics; the same call gives the same bytes on the same device. Different batch
+sizes may select different kernels (CPU and CUDA), so batch 1 vs 4 agree only up to
+rounding (measured on CPU: at most 1 level of 255 in the MagImg).
+
+Precision: on CUDA the networks run under bf16 autocast (``amp="auto"`` or ``"bf16"``;
+``"fp32"`` turns it off) and can be ``torch.compile``d (``compile=True``); on the CPU
+everything is float32. The latent arithmetic of the sampler is float32 everywhere.
+
+Big images: see :mod:`magicfuse.tiling` — ``tile`` (a :class:`TilingBudget`, a latent
+tile size, 0 = never, or "auto") bounds the memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from magicfuse.errors import CheckpointError, DataError, MagicFuseError
+
+OUTPUTS: tuple[str, ...] = ("magimg", "ikr", "ckg", "seg")
+OFFICIAL_PARTS: dict[str, tuple[str, ...]] = {
+    "ae": ("ae", "autoencoder"),
+    "ikr": ("ikr",),
+    "ckg": ("ckg",),
+    "mkf": ("mkf", "fusion"),
+}
+TORCH_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:/")
+
+__all__ = ["MagicFuse", "FuseResult", "MagicFusePyfunc", "to_image_tensor", "image_seed",
+           "resolve_source", "OUTPUTS"]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class FuseResult:
+    """One image's outputs, all at the input's exact size (None when not requested).
+
+    ``magimg`` uint8 H×W×3 RGB; ``ikr`` uint8 H×W×3 (the IKR-enhanced visible image);
+    ``ckg`` uint8 H×W (the generated infrared: channel mean of the CKG image);
+    ``seg`` uint8 H×W MFNet class ids; ``seg_color`` uint8 H×W×3 (palette colours).
+    """
+
+    magimg: np.ndarray | None = None
+    ikr: np.ndarray | None = None
+    ckg: np.ndarray | None = None
+    seg: np.ndarray | None = None
+    seg_color: np.ndarray | None = None
+    index: int = 0
+    seed: int = 0
+
+    @property
+    def size(self) -> tuple[int, int]:
+        for a in (self.magimg, self.ikr, self.ckg, self.seg):
+            if a is not None:
+                return int(a.shape[0]), int(a.shape[1])
+        return (0, 0)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def to_image_tensor(image: Any, *, name: str = "image") -> torch.Tensor:
+    """One image (PIL, numpy, tensor — see the module docstring) -> float32 (3,H,W) in [0,1], CPU.
+
+    Raises :class:`DataError` naming ``name`` for empty, wrongly shaped, non-finite or
+    out-of-range inputs.
+    """
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        Image = None  # type: ignore[assignment]
+    if Image is not None and isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise DataError(f"{name}: zero-size image ({image.width}×{image.height})")
+        image = np.array(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
+            arr = arr[..., :3] if arr.shape[2] >= 3 else arr
+            t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        elif arr.ndim == 2:
+            t = torch.from_numpy(np.ascontiguousarray(arr))[None]
+        else:
+            raise DataError(f"{name}: expected an array H×W, H×W×1, H×W×3 or H×W×4, got shape {arr.shape}")
+        if arr.dtype == np.uint8:
+            t = t.float() / 255.0
+        elif arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.floating)):
+            raise DataError(f"{name}: expected a uint8 or float array, got dtype {arr.dtype}")
+    elif isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 2:
+            t = t[None]
+        if t.ndim != 3 or t.shape[0] not in (1, 3):
+            raise DataError(f"{name}: expected a tensor (3,H,W), (1,H,W) or (H,W), got shape {tuple(image.shape)}")
+        if t.dtype == torch.uint8:
+            t = t.float() / 255.0
+        elif not t.is_floating_point():
+            raise DataError(f"{name}: expected a float tensor in [0,1] (or uint8), got dtype {t.dtype}")
+    else:
+        raise DataError(f"{name}: expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
+    if t.shape[-1] == 0 or t.shape[-2] == 0:
+        raise DataError(f"{name}: zero-size image ({t.shape[-1]}×{t.shape[-2]})")
+    t = t.float()
+    if not bool(torch.isfinite(t).all()):
+        raise DataError(f"{name}: image holds NaN or infinite values")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -1e-3 or hi > 1.0 + 1e-3:
+        raise DataError(f"{name}: float image values must lie in [0, 1], found {lo:.4g}..{hi:.4g} "
+                        "(divide 8-bit data by 255, or pass uint8)")
+    t = t.clamp(0.0, 1.0)
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    return t.contiguous()
+
+
+def _flatten_inputs(images: Any) -> list[Any]:
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return list(images.unbind(0))
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (list, tuple)):
+        out: list[Any] = []
+        for x in images:
+            if isinstance(x, torch.Tensor) and x.ndim == 4:
+                out.extend(x.unbind(0))
+            else:
+                out.append(x)
+        return out
+    return [images]
+
+
+def image_seed(seed: int, key: int | str) -> int:
+    """The per-image seed: a stable 63-bit hash of (seed, key) — key is the index in a
+    ``fuse`` call or a string such as a relative file name (the CLI)."""
+    h = hashlib.sha256(f"magicfuse:{int(seed)}:{key}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _find_pipeline_in(folder: Path) -> Path | None:
+    cands = sorted(folder.glob("artifacts/pipeline*.pt")) or sorted(folder.rglob("pipeline*.pt"))
+    return cands[0] if cands else None
+
+
+def _official_files(folder: Path) -> dict[str, Path]:
+    found: dict[str, list[Path]] = {k: [] for k in OFFICIAL_PARTS}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.suffix.lower() not in TORCH_EXTENSIONS:
+            continue
+        words = set(re.split(r"[_\-.\s]+", p.stem.lower()))
+        for part, names in OFFICIAL_PARTS.items():
+            if words & set(names):
+                found[part].append(p)
+    missing = [k for k, v in found.items() if not v]
+    if missing:
+        listing = ", ".join(p.name for p in sorted(folder.iterdir())[:12]) or "empty"
+        raise CheckpointError(
+            f"{folder}: not a model folder — no pipeline checkpoint (pipeline*.pt / MLmodel) and no authors' "
+            f"checkpoint for {missing} (expected torch files named with ae, ikr, ckg, mkf; found: {listing})")
+    ambiguous = {k: [p.name for p in v] for k, v in found.items() if len(v) > 1}
+    if ambiguous:
+        raise CheckpointError(f"{folder}: several files match one part of the authors' checkpoints: {ambiguous}")
+    return {k: v[0] for k, v in found.items()}
+
+
+def resolve_source(source: str | Path, workdir: Path) -> Path:
+    """The pipeline checkpoint file behind ``source`` (downloading/converting into
+    ``workdir`` when needed). Raises CheckpointError naming the source."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if _URI.match(text) and not path.exists() and not re.match(r"^[A-Za-z]:[\\/]", text):
+        try:
+            import mlflow.artifacts
+        except ImportError as exc:  # pragma: no cover - mlflow is a dependency
+            raise CheckpointError(f"{text}: MLflow is needed to load a model URI ({exc})") from None
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(workdir / "mlflow")))
+        except MagicFuseError:
+            raise
+        except Exception as exc:  # MlflowException, connection errors, ...
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"{text}: cannot download the model from MLflow: {first}") from None
+        if local.is_file():
+            return local
+        found = _find_pipeline_in(local)
+        if found is None:
+            raise CheckpointError(f"{text}: the downloaded model has no pipeline checkpoint (artifacts/pipeline*.pt)")
+        return found
+    if not path.exists():
+        raise CheckpointError(f"{path}: model not found (expected a pipeline .pt file, a model folder or an MLflow "
+                              "URI such as models:/magicfuse@champion)")
+    if path.is_file():
+        return path
+    found = _find_pipeline_in(path)
+    if found is not None:
+        return found
+    files = _official_files(path)
+    from magicfuse.models.importer import import_official
+
+    out = workdir / "official_pipeline.pt"
+    import_official(ae=files["ae"], ikr=files["ikr"], ckg=files["ckg"], mkf=files["mkf"], out=out, bundle=True)
+    return out
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DataError(f"device must be auto, cpu or cuda[:N], got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"device {device!r} requested but CUDA is not available here")
+    return dev
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+class MagicFuse:
+    """A loaded MagicFuse pipeline: ``fuse(images) -> list[FuseResult]``."""
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module], sampler: Mapping[str, Any] | None = None, *,
+                 device: str | torch.device = "auto", compile: bool = False, amp: str = "auto",
+                 tile: Any = "auto", source: str = "<modules>"):
+        from magicfuse.diffusion.sampler import MagicFuseNets
+
+        self.device = _resolve_device(device)
+        self.source = source
+        sampler = dict(sampler or {})
+        self.steps = int(sampler.get("steps", 25))
+        self.tau = float(sampler.get("tau", 0.4))
+        self.thermal_classes = tuple(int(c) for c in sampler.get("thermal_classes", (2,)))
+        self.variant = str(sampler.get("variant", "full"))
+        if amp not in ("auto", "bf16", "fp32"):
+            raise DataError(f"amp must be auto, bf16 or fp32, got {amp!r}")
+        self.amp_dtype = torch.bfloat16 if (self.device.type == "cuda" and amp in ("auto", "bf16")) else None
+        mods = {k: m.to(self.device).eval().requires_grad_(False) for k, m in modules.items()}
+        self.base_nets = MagicFuseNets(ae=mods["ae"], ikr=mods["ikr"], ckg=mods.get("ckg"), fusion=mods.get("fusion"))
+        self.nets = self.base_nets
+        if compile:
+            self.nets = MagicFuseNets(
+                ae=mods["ae"],
+                ikr=torch.compile(mods["ikr"]),
+                ckg=torch.compile(mods["ckg"]) if mods.get("ckg") is not None else None,
+                fusion=torch.compile(mods["fusion"]) if mods.get("fusion") is not None else None,
+            )
+        self.tile = tile
+        from magicfuse.models.presets import model_config  # noqa: F401  (validates these are our networks)
+        from magicfuse.diffusion.sampler import required_multiple
+
+        self.multiple = required_multiple(self.base_nets)
+        self.latent_channels = int(self.base_nets.ae.config.latent_channels)
+        self.noise_channels = int(self.base_nets.ae.config.noise_channels)
+        self.noise_scale = float(self.base_nets.ae.config.noise_scale)
+        f = self.base_nets.fusion
+        self.num_classes = int(f.config.num_classes) if f is not None and f.config.seg_head else 0
+
+    # ---- loading
+    @classmethod
+    def from_pretrained(cls, source: str | Path, *, device: str | torch.device = "auto", compile: bool = False,
+                        amp: str = "auto", tile: Any = "auto") -> "MagicFuse":
+        """Load from an MLflow URI, a pipeline checkpoint, or a folder (see the module docstring)."""
+        from magicfuse.checkpoint import load_pipeline
+
+        with tempfile.TemporaryDirectory(prefix="magicfuse-load-") as tmp:
+            path = resolve_source(source, Path(tmp))
+            modules, payload = load_pipeline(path)
+        return cls(modules, payload.get("sampler"), device=device, compile=compile, amp=amp, tile=tile,
+                   source=str(source))
+
+    # ---- tiling
+    def budget(self, tile: Any = None):
+        from magicfuse.tiling import TilingBudget
+
+        tile = self.tile if tile is None else tile
+        if isinstance(tile, TilingBudget):
+            return tile
+        if tile == "auto" or tile is None:
+            return TilingBudget.for_device(self.device)
+        if isinstance(tile, (int, np.integer)) and not isinstance(tile, bool):
+            return TilingBudget.forced(int(tile))
+        raise DataError(f"tile must be 'auto', an integer latent tile size (0 = never) or a TilingBudget, got {tile!r}")
+
+    def nets_for(self, hw: tuple[int, int], tile: Any = None):
+        from magicfuse.tiling import wrap_for_tiling
+
+        return wrap_for_tiling(self.nets, hw, self.budget(tile))
+
+    # ---- noise
+    def _noises(self, seeds: Sequence[int], hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        H, W = hw
+        m = self.multiple
+        h, w = -(-H // m) * m // 4, -(-W // m) * m // 4
+        zs, ss, ns = [], [], []
+        for sd in seeds:
+            g = torch.Generator().manual_seed(int(sd))
+            zs.append(torch.randn((1, self.latent_channels, h, w), generator=g))
+            if self.num_classes:
+                ss.append(torch.randn((1, self.num_classes, h, w), generator=g))
+            n = torch.randn((1, self.noise_channels, h, w), generator=g)
+            ns.append(n * self.noise_scale)
+        dev = self.device
+        seg = torch.cat(ss).to(dev) if ss else None
+        return torch.cat(zs).to(dev), seg, torch.cat(ns).to(dev)
+
+    # ---- running
+    def run_batch(self, batch: torch.Tensor, seeds: Sequence[int], *, steps: int | None = None,
+                  tau: float | None = None, outputs: Sequence[str] = OUTPUTS, tile: Any = None) -> list[FuseResult]:
+        """One same-size batch (B,3,H,W) in [0,1] with one seed per image -> results."""
+        from magicfuse.diffusion.sampler import magicfuse_sample
+        from magicfuse.evaluation.segmentation import colorize
+
+        unknown = sorted(set(outputs) - set(OUTPUTS))
+        if unknown:
+            raise DataError(f"unknown output(s) {unknown}; choose from {list(OUTPUTS)}")
+        if batch.ndim != 4 or batch.shape[0] != len(seeds):
+            raise DataError(f"run_batch: expected (B,3,H,W) and B seeds, got {tuple(batch.shape)} and {len(seeds)} seeds")
+        hw = (int(batch.shape[2]), int(batch.shape[3]))
+        nets = self.nets_for(hw, tile)
+        noise, seg_noise, ae_noise = self._noises(seeds, hw)
+        amp = (torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp_dtype is not None
+               else contextlib.nullcontext())
+        with torch.inference_mode(), amp:
+            out = magicfuse_sample(nets, batch.to(self.device, torch.float32), steps=steps or self.steps,
+                                   tau=self.tau if tau is None else float(tau), thermal_classes=self.thermal_classes,
+                                   variant=self.variant, noise=noise, seg_noise=seg_noise, ae_noise=ae_noise)
+
+        def u8(t: torch.Tensor | None) -> np.ndarray | None:
+            if t is None:
+                return None
+            return (t.float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+
+        mag = u8(out.magimg) if "magimg" in outputs else None
+        ikr = u8(out.ikr) if "ikr" in outputs else None
+        ckg = u8(out.ckg_ir) if "ckg" in outputs else None
+        seg = out.seg.to(torch.uint8).cpu().numpy() if ("seg" in outputs and out.seg is not None) else None
+        results = []
+        for i, sd in enumerate(seeds):
+            r = FuseResult(seed=int(sd))
+            if mag is not None:
+                r.magimg = np.ascontiguousarray(mag[i].transpose(1, 2, 0))
+            if ikr is not None:
+                r.ikr = np.ascontiguousarray(ikr[i].transpose(1, 2, 0))
+            if ckg is not None:
+                r.ckg = np.ascontiguousarray(ckg[i, 0])
+            if seg is not None:
+                r.seg = np.ascontiguousarray(seg[i])
+                r.seg_color = colorize(r.seg)
+            results.append(r)
+        return results
+
+    def fuse_iter(self, images: Any, *, steps: int | None = None, tau: float | None = None, seed: int = 0,
+                  seeds: Sequence[int] | None = None, batch_size: int = 4, outputs: Sequence[str] = OUTPUTS,
+                  tile: Any = None) -> Iterator[FuseResult]:
+        """Like :meth:`fuse`, yielding results as batches finish (grouped by size, so not
+        in input order; each result's ``index`` gives its position)."""
+        items = _flatten_inputs(images)
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if seeds is not None and len(seeds) != len(items):
+            raise DataError(f"{len(seeds)} seeds for {len(items)} images")
+        tensors = [to_image_tensor(x, name=f"image {i}") for i, x in enumerate(items)]
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i, t in enumerate(tensors):
+            buckets.setdefault((int(t.shape[1]), int(t.shape[2])), []).append(i)
+        for idxs in buckets.values():
+            for c in range(0, len(idxs), batch_size):
+                chunk = idxs[c:c + batch_size]
+                sds = [int(seeds[i]) if seeds is not None else image_seed(seed, i) for i in chunk]
+                batch = torch.stack([tensors[i] for i in chunk])
+                for i, r in zip(chunk, self.run_batch(batch, sds, steps=steps, tau=tau, outputs=outputs, tile=tile)):
+                    r.index = i
+                    yield r
+
+    def fuse(self, images: Any, *, steps: int | None = None, tau: float | None = None, seed: int = 0,
+             seeds: Sequence[int] | None = None, batch_size: int = 4, outputs: Sequence[str] = OUTPUTS,
+             tile: Any = None) -> list[FuseResult]:
+        """Fuse one image or many (see the module docstring for accepted inputs).
+
+        Images are grouped by size and run ``batch_size`` at a time; results come back
+        in input order, each at its input's exact size. ``steps``/``tau`` default to the
+        checkpoint's sampler settings. ``seed`` seeds every image's own generator from
+        ``(seed, index)``; ``seeds`` gives explicit per-image seeds instead.
+        """
+        results = list(self.fuse_iter(images, steps=steps, tau=tau, seed=seed, seeds=seeds,
+                                      batch_size=batch_size, outputs=outputs, tile=tile))
+        results.sort(key=lambda r: r.index)
+        return results
+
+    def __repr__(self) -> str:
+        return (f"MagicFuse(source={self.source!r}, device={self.device}, steps={self.steps}, tau={self.tau}, "
+                f"thermal_classes={self.thermal_classes})")
+
+
+# --------------------------------------------------------------------------- MLflow pyfunc
+
+
+class _PyfuncMethods:
+    """MLflow pyfunc wrapper: the artifact ``"pipeline"`` is our pipeline checkpoint.
+
+    ``predict(model_input)``: a uint8 array (B,H,W,3), one (H,W,3) array, or a list of
+    (H,W,3)/(H,W) uint8 arrays of one size -> uint8 (B,H,W,3) MagImgs. ``params`` may set
+    ``steps``, ``tau``, ``seed``, ``batch_size``.
+    """
+
+    def __init__(self, device: str = "auto"):
+        self.device = device
+        self.model: MagicFuse | None = None
+
+    def load_context(self, context: Any) -> None:
+        artifacts = getattr(context, "artifacts", None) or {}
+        if "pipeline" not in artifacts:
+            raise CheckpointError(f"MagicFusePyfunc: the model has no 'pipeline' artifact (found {sorted(artifacts)})")
+        self.model = MagicFuse.from_pretrained(artifacts["pipeline"], device=self.device)
+
+    def predict(self, context: Any, model_input: Any = None, params: Mapping[str, Any] | None = None) -> np.ndarray:
+        if model_input is None:  # called as predict(model_input) without a context
+            context, model_input = None, context
+        if self.model is None:
+            raise MagicFuseError("MagicFusePyfunc: load_context was not called")
+        params = dict(params or {})
+        if hasattr(model_input, "to_numpy") and not isinstance(model_input, np.ndarray):
+            model_input = model_input.to_numpy()
+        if isinstance(model_input, np.ndarray):
+            if model_input.ndim == 3 and model_input.shape[-1] in (1, 3, 4):
+                items = [model_input]
+            elif model_input.ndim == 4:
+                items = list(model_input)
+            else:
+                raise DataError(f"MagicFusePyfunc: expected uint8 (B,H,W,3) or (H,W,3), got shape {model_input.shape}")
+        elif isinstance(model_input, (list, tuple)):
+            items = [np.asarray(x) for x in model_input]
+        else:
+            raise DataError(f"MagicFusePyfunc: expected a numpy array or a list of arrays, got {type(model_input).__name__}")
+        if not items:
+            raise DataError("MagicFusePyfunc: empty input")
+        for i, x in enumerate(items):
+            if x.dtype != np.uint8:
+                raise DataError(f"MagicFusePyfunc: image {i} has dtype {x.dtype}, expected uint8")
+        sizes = {x.shape[:2] for x in items}
+        if len(sizes) != 1:
+            raise DataError(f"MagicFusePyfunc: images of one call must share a size, got {sorted(sizes)}")
+        res = self.model.fuse(items, steps=params.get("steps"), tau=params.get("tau"),
+                              seed=int(params.get("seed", 0)), batch_size=int(params.get("batch_size", 4)),
+                              outputs=("magimg",))
+        return np.stack([r.magimg for r in res])
+
+
+_PYFUNC_CLASS: type | None = None
+
+
+def _pyfunc_class() -> type:
+    """``MagicFusePyfunc``, built on first use on ``mlflow.pyfunc.PythonModel`` (importing
+    MLflow takes seconds, so ``import magicfuse.inference`` does not)."""
+    global _PYFUNC_CLASS
+    if _PYFUNC_CLASS is None:
+        from mlflow.pyfunc import PythonModel
+
+        cls = type("MagicFusePyfunc", (_PyfuncMethods, PythonModel), {"__module__": __name__,
+                                                                       "__doc__": _PyfuncMethods.__doc__})
+        cls.__qualname__ = "MagicFusePyfunc"
+        _PYFUNC_CLASS = cls
+    return _PYFUNC_CLASS
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MagicFusePyfunc":
+        return _pyfunc_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

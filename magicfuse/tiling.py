@@ -1,0 +1,552 @@
+"""Bounded-memory sampling of big images: tiled networks with overlap and smooth blending.
+
+The sampler (``magicfuse.diffusion.sampler``) stays the only loop. Tiling is done by
+``nn.Module`` wrappers with the wrapped network's interface, so ``magicfuse_sample``
+runs unchanged on them:
+
+* :class:`TiledDenoiser` — ``forward(z_t, t, cond)``: the UNet runs on overlapping
+  latent tiles; the ε predictions are blended.
+* :class:`TiledFusion` — ``forward(ẑ0^ψ, ẑ0^φ, z^f, ε^ψ, ε^φ, t, seg_state)``: the fusion
+  network runs per tile (its full-resolution self-attention then sees one tile, which is
+  what bounds memory: attention costs (h·w)²); every per-pixel output (``w``,
+  ``seg_logits`` = the next ``seg_state``) is blended. ``zeta`` (the attention features)
+  stays per tile and is not returned (an empty list): the sampler does not use it.
+* :class:`TiledAutoEncoder` — ``encode``/``decode`` on overlapping image-space tiles,
+  each computed with a ``halo`` of context (64 px ≥ the decoder's ≈50 px receptive
+  field) and blended in latent/image space. The autoencoder normalises with
+  InstanceNorm, whose statistics would otherwise differ from tile to tile, so they are
+  fixed first: the network runs once on a downscaled proxy of the whole input (longest
+  side ``proxy`` pixels) and every InstanceNorm records its per-sample, per-channel mean
+  and variance; ``stat_passes`` further tiled passes then replace them by the exact
+  whole-image statistics one layer at a time (pass k makes the first k norm layers
+  exact; 22 encoder / 18 decoder norm layers make the result equal to the untiled one,
+  checked in the tests, at that many times the cost). The encoder's noise is sliced per
+  tile from the full-size noise tensor. **Caveat:** this autoencoder is very sensitive
+  to its norm statistics — with proxy statistics alone (256 px, no extra passes) the
+  official AE decodes a 640×480 frame with a mean error of ≈18/255 — so the default
+  budget keeps the AE untiled up to 16.8 MP (4096²; a 4K frame runs untiled, memory
+  linear in pixels) and uses the tiled AE only beyond that.
+
+Blending: tiles are ``tile`` wide with ``overlap`` between neighbours (the last tile of
+a row/column is aligned with the far border, so every tile has the full size). Each tile
+contributes with a separable raised-cosine weight that rises from ~0 at an inner tile
+edge to 1 over ``overlap`` pixels (borders of the image get weight 1); the outputs are
+the weighted mean. Overlap regions therefore fade from one tile to the next instead of
+showing a seam.
+
+Differences from an untiled run are the price of bounded memory: the denoisers' and the
+fusion network's GroupNorm statistics and attention context are per tile (the
+MultiDiffusion approximation, harmonised at every DDIM step by the blending), and the
+autoencoder's norm statistics come from the proxy. ``tests/test_inference.py`` bounds
+the difference on a smooth image.
+
+:func:`wrap_for_tiling` decides from the padded size and a :class:`TilingBudget`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from magicfuse.errors import ConfigError, DataError
+
+LATENT_DOWNSCALE = 4
+
+__all__ = [
+    "TilingBudget",
+    "TiledDenoiser",
+    "TiledFusion",
+    "TiledAutoEncoder",
+    "tile_starts",
+    "blend_weight_1d",
+    "wrap_for_tiling",
+    "needs_tiling",
+]
+
+
+# --------------------------------------------------------------------------- budget
+
+
+@dataclass(frozen=True)
+class TilingBudget:
+    """When and how to tile.
+
+    ``max_latent_pixels``: the denoisers and the fusion network run untiled while the
+    padded latent has at most this many pixels (h·w); above it they run on ``tile``×``tile``
+    latent tiles with ``overlap`` latent pixels of overlap. The default 32,768 keeps
+    640×480 (19,200) untiled, as in the paper, and tiles 2048×1024 (131,072).
+    ``max_image_pixels``: the autoencoder runs untiled up to this many (padded) image
+    pixels, else on ``ae_tile``-pixel image tiles with ``ae_overlap`` overlap, with norm
+    statistics from a ``proxy``-pixel (longest side) downscaled copy.
+    ``tile_batch``: tiles processed together in one network call (more = faster on a
+    GPU, more memory).
+    """
+
+    max_latent_pixels: int = 32_768
+    tile: int = 64
+    overlap: int = 16
+    halo: int = 8
+    max_image_pixels: int = 16_777_216
+    ae_tile: int = 512
+    ae_overlap: int = 64
+    ae_halo: int = 64
+    proxy: int = 512
+    tile_batch: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("tile", "ae_tile", "proxy", "tile_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"TilingBudget.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("overlap", "halo", "ae_overlap", "ae_halo", "max_latent_pixels", "max_image_pixels"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"TilingBudget.{name} must be >= 0, got {getattr(self, name)}")
+        if self.overlap >= self.tile:
+            raise ConfigError(f"TilingBudget: overlap ({self.overlap}) must be smaller than tile ({self.tile})")
+        if self.ae_overlap >= self.ae_tile:
+            raise ConfigError(f"TilingBudget: ae_overlap ({self.ae_overlap}) must be smaller than ae_tile ({self.ae_tile})")
+
+    @classmethod
+    def for_device(cls, device: str | torch.device) -> "TilingBudget":
+        """Default budget: on CPU the fusion network's attention (quadratic in h·w) makes
+        big untiled latents slow, so CPU tiles above 64×64 latent pixels (256×256 images)."""
+        if torch.device(device).type == "cpu":
+            return cls(max_latent_pixels=4096, tile=64, overlap=16)
+        return cls()
+
+    @classmethod
+    def forced(cls, tile: int, overlap: int | None = None, **kw) -> "TilingBudget":
+        """Always tile the latent networks with ``tile`` latent pixels (overlap and halo
+        default to tile/4; the autoencoder tiles above 4·tile image pixels);
+        ``tile <= 0`` never tiles."""
+        if tile <= 0:
+            return cls(max_latent_pixels=1 << 62, max_image_pixels=1 << 62, **kw)
+        ov = min(overlap if overlap is not None else max(tile // 4, 1), tile - 1)
+        ae_tile = max(4 * tile, 64)
+        args = dict(max_latent_pixels=0, tile=tile, overlap=ov, halo=ov,
+                    max_image_pixels=ae_tile * ae_tile, ae_tile=ae_tile, ae_overlap=min(max(4 * ov, 16), ae_tile - 4))
+        args.update(kw)
+        return cls(**args)
+
+
+# --------------------------------------------------------------------------- tiles and weights
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with at least
+    ``overlap`` overlap; the last tile ends at ``length``. One tile at 0 if it fits."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    if stride <= 0:
+        raise ConfigError(f"tiling: overlap {overlap} must be smaller than tile {tile}")
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def blend_weight_1d(n: int, start: int, length: int, ramp: int, *, device=None) -> Tensor:
+    """Weights of one tile along one axis: raised-cosine rise over ``ramp`` pixels at
+    every edge that lies inside the image, 1 elsewhere (always > 0)."""
+    w = torch.ones(n, dtype=torch.float32, device=device)
+    r = min(ramp, n)
+    if r > 0:
+        x = (torch.arange(r, dtype=torch.float32, device=device) + 0.5) / r
+        rise = torch.sin(0.5 * math.pi * x) ** 2
+        if start > 0:
+            w[:r] = torch.minimum(w[:r], rise)
+        if start + n < length:
+            w[n - r:] = torch.minimum(w[n - r:], rise.flip(0))
+    return w
+
+
+def _windows(length: int, tile: int, overlap: int, halo: int) -> list[tuple[int, int, int, int, int, int]]:
+    """Per tile along one axis: (core start, core size, window start, window size,
+    owned start, owned end).
+
+    Cores of size ``tile`` overlap by ``overlap``; each window adds up to ``halo`` pixels of
+    context on both sides, shifted inside ``[0, length)`` so that all windows share one size.
+    The owned ranges partition ``[0, length)`` (split at the middle of each overlap); they
+    are used to accumulate statistics once per pixel."""
+    core = min(tile, length)
+    win = min(core + 2 * halo, length)
+    starts = tile_starts(length, tile, overlap)
+    cuts = [0] + [(starts[i] + starts[i - 1] + core) // 2 for i in range(1, len(starts))] + [length]
+    out = []
+    for i, s in enumerate(starts):
+        ws = min(max(s - halo, 0), length - win)
+        out.append((s, core, ws, win, cuts[i], cuts[i + 1]))
+    return out
+
+
+def _blend(
+    fn: Callable[[list[Tensor], int], Sequence[Tensor | None]],
+    inputs: Sequence[Tensor],
+    *,
+    tile: int,
+    overlap: int,
+    halo: int = 0,
+    in_scales: Sequence[int] | None = None,
+    out_scale: int = 1,
+    tile_batch: int = 4,
+    before_chunk: Callable[[list], None] | None = None,
+) -> list[Tensor | None]:
+    """Run ``fn`` on overlapping windows of ``inputs`` and blend the outputs.
+
+    Coordinates live on a base grid of size (H, W) = the last input's size divided by its
+    scale; input ``i`` has ``in_scales[i]`` pixels per base pixel (default 1), outputs have
+    ``out_scale``. Each tile's core (``tile`` base pixels, ``overlap`` between neighbours)
+    is computed from a window with ``halo`` base pixels of context on every side; only the
+    core enters the blend, with raised-cosine ramps over the overlap.
+    ``fn(window_inputs, k)`` receives the inputs of ``k`` windows concatenated along the
+    batch (window-major) and returns per-pixel outputs (or None) at ``out_scale``.
+    ``before_chunk(chunk)`` is called before each ``fn`` call with the chunk's
+    ``(y_axis, x_axis)`` window tuples (see :func:`_windows`).
+    """
+    in_scales = list(in_scales or [1] * len(inputs))
+    B = inputs[0].shape[0]
+    H, W = inputs[0].shape[-2] // in_scales[0], inputs[0].shape[-1] // in_scales[0]
+    tiles = [(ry, rx) for ry in _windows(H, tile, overlap, halo) for rx in _windows(W, tile, overlap, halo)]
+    so = out_scale
+    Ho, Wo = H * so, W * so
+    acc: list[Tensor | None] = []
+    wsum: Tensor | None = None
+    for c0 in range(0, len(tiles), max(1, tile_batch)):
+        chunk = tiles[c0:c0 + max(1, tile_batch)]
+        k = len(chunk)
+        tile_in = [
+            torch.cat([x[..., wy * sc:(wy + nwy) * sc, wx * sc:(wx + nwx) * sc]
+                       for ((_, _, wy, nwy, _, _), (_, _, wx, nwx, _, _)) in chunk], dim=0)
+            for x, sc in zip(inputs, in_scales)
+        ]
+        if before_chunk is not None:
+            before_chunk(chunk)
+        outs = fn(tile_in, k)
+        if wsum is None:
+            dev = inputs[0].device
+            acc = [None if o is None else torch.zeros((B, o.shape[1], Ho, Wo), dtype=torch.float32, device=o.device)
+                   for o in outs]
+            wsum = torch.zeros((1, 1, Ho, Wo), dtype=torch.float32, device=dev)
+        for j, ((cy, ny, wy, _, _, _), (cx, nx, wx, _, _, _)) in enumerate(chunk):
+            wt = (blend_weight_1d(ny * so, cy * so, Ho, overlap * so, device=wsum.device)[:, None]
+                  * blend_weight_1d(nx * so, cx * so, Wo, overlap * so, device=wsum.device)[None, :])[None, None]
+            ys, xs = cy * so, cx * so
+            wsum[..., ys:ys + ny * so, xs:xs + nx * so] += wt
+            oy, ox = (cy - wy) * so, (cx - wx) * so
+            for a, o in zip(acc, outs):
+                if a is not None:
+                    part = o[j * B:(j + 1) * B, :, oy:oy + ny * so, ox:ox + nx * so].float()
+                    a[..., ys:ys + ny * so, xs:xs + nx * so] += part * wt.to(a.device)
+    return [None if a is None else a / wsum.to(a.device) for a in acc]
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return getattr(m, "_orig_mod", m)
+
+
+def _multiple_of(net: nn.Module) -> int:
+    m = _unwrap(net)
+    rm = getattr(m, "required_multiple", None)
+    if rm is not None:
+        return int(rm() if callable(rm) else rm)
+    mult = getattr(getattr(m, "config", None), "channel_mult", None)
+    return 2 ** (len(mult) - 1) if mult is not None else 1
+
+
+def _check_tile(tile: int, overlap: int, multiple: int, what: str) -> tuple[int, int]:
+    if tile < 1 or overlap < 0:
+        raise ConfigError(f"{what}: tile must be >= 1 and overlap >= 0, got tile={tile}, overlap={overlap}")
+    tile = _round_up(int(tile), multiple)
+    overlap = _round_up(int(overlap), multiple)
+    if overlap >= tile:
+        overlap = tile - multiple
+    return tile, overlap
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+class TiledDenoiser(nn.Module):
+    """A conditional UNet run on overlapping latent tiles: ``forward(z_t, t, cond) -> eps``.
+
+    ``tile``, ``overlap`` and ``halo`` (context added around each tile, default
+    ``overlap``) are latent pixels, rounded up to the UNet's size multiple."""
+
+    def __init__(self, unet: nn.Module, tile: int = 64, overlap: int = 16, *, halo: int | None = None,
+                 tile_batch: int = 4):
+        super().__init__()
+        self.unet = unet
+        self.multiple = _multiple_of(unet)
+        self.tile, self.overlap = _check_tile(tile, overlap, self.multiple, type(self).__name__)
+        self.halo = _round_up(max(int(self.overlap if halo is None else halo), 0), self.multiple)
+        self.tile_batch = int(tile_batch)
+        self.config = getattr(_unwrap(unet), "config", None)
+
+    def required_multiple(self) -> int:
+        return self.multiple
+
+    def forward(self, z_t: Tensor, t: Tensor | int | float, cond: Tensor) -> Tensor:
+        b = z_t.shape[0]
+        t = torch.as_tensor(t, device=z_t.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+
+        def run(xs: list[Tensor], k: int) -> tuple[Tensor]:
+            return (self.unet(xs[0], t.repeat(k), xs[1]),)
+
+        return _blend(run, [z_t, cond], tile=self.tile, overlap=self.overlap, halo=self.halo,
+                      tile_batch=self.tile_batch)[0]
+
+
+class TiledFusion(nn.Module):
+    """The fusion network (+ segmentation head) run on overlapping latent tiles.
+
+    Returns a ``FusionOutput`` whose ``w`` and ``seg_logits`` (= ``seg_state``) are
+    blended over tiles; ``zeta`` is an empty list (attention features are per tile)."""
+
+    def __init__(self, fusion: nn.Module, tile: int = 64, overlap: int = 16, *, halo: int | None = None,
+                 tile_batch: int = 4):
+        super().__init__()
+        self.fusion = fusion
+        self.multiple = _multiple_of(fusion)
+        self.tile, self.overlap = _check_tile(tile, overlap, self.multiple, type(self).__name__)
+        self.halo = _round_up(max(int(self.overlap if halo is None else halo), 0), self.multiple)
+        self.tile_batch = int(tile_batch)
+        self.config = getattr(_unwrap(fusion), "config", None)
+
+    def required_multiple(self) -> int:
+        return self.multiple
+
+    def forward(self, zhat_psi: Tensor, zhat_phi: Tensor, z_f: Tensor, eps_psi: Tensor, eps_phi: Tensor,
+                t: Tensor | int | float, seg_state: Tensor | None):
+        from magicfuse.models.fusion import FusionOutput
+
+        b = z_f.shape[0]
+        t = torch.as_tensor(t, device=z_f.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        has_state = seg_state is not None
+        inputs = [zhat_psi, zhat_phi, z_f, eps_psi, eps_phi] + ([seg_state] if has_state else [])
+
+        def run(xs: list[Tensor], k: int):
+            out = self.fusion(*xs[:5], t.repeat(k), xs[5] if has_state else None)
+            return (out.w, out.seg_logits)
+
+        w, seg = _blend(run, inputs, tile=self.tile, overlap=self.overlap, halo=self.halo,
+                        tile_batch=self.tile_batch)
+        state = seg if seg is not None else seg_state
+        return FusionOutput(w, seg, state, [])
+
+
+class _NormOverride:
+    """Replace every InstanceNorm of a module by a normalisation with given statistics.
+
+    Modes: ``"record"`` — normal InstanceNorm, and its (per-sample, per-channel) mean and
+    variance are kept (used on the proxy); ``"apply"`` — normalise with the kept
+    statistics; ``"accumulate"`` — like ``"apply"``, and also sum the pre-norm activations
+    over each window's owned region (set by :meth:`set_windows`), so that
+    :meth:`finish_pass` can replace the kept statistics by the whole-image ones.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.norms = [m for m in module.modules() if isinstance(m, nn.InstanceNorm2d)]
+        self.stats: dict[int, tuple[Tensor, Tensor]] = {}
+        self._sums: dict[int, list[Tensor]] = {}
+        self._windows: list = []
+
+    def set_windows(self, chunk: list) -> None:
+        self._windows = chunk
+
+    def _accumulate(self, idx: int, xf: Tensor) -> None:
+        k = len(self._windows)
+        B = xf.shape[0] // k
+        sums = self._sums.setdefault(idx, [0.0, 0.0, 0])
+        for j, ((_, _, wy, nwy, oy0, oy1), (_, _, wx, nwx, ox0, ox1)) in enumerate(self._windows):
+            sy, sx = xf.shape[-2] / nwy, xf.shape[-1] / nwx  # activation pixels per base pixel
+            y0, y1 = int(round((oy0 - wy) * sy)), int(round((oy1 - wy) * sy))
+            x0, x1 = int(round((ox0 - wx) * sx)), int(round((ox1 - wx) * sx))
+            part = xf[j * B:(j + 1) * B, :, y0:y1, x0:x1].double()
+            sums[0] = sums[0] + part.sum(dim=(2, 3))
+            sums[1] = sums[1] + (part * part).sum(dim=(2, 3))
+            sums[2] += part.shape[-2] * part.shape[-1]
+
+    def finish_pass(self) -> None:
+        for idx, (s1, s2, n) in self._sums.items():
+            mean = s1 / n
+            var = (s2 / n - mean * mean).clamp_min(0.0)
+            self.stats[idx] = (mean.float(), var.float())
+        self._sums.clear()
+
+    def _forward(self, idx: int, norm: nn.InstanceNorm2d, mode: str):
+        def fwd(x: Tensor) -> Tensor:
+            xf = x.float()
+            if mode == "record":
+                var, mean = torch.var_mean(xf, dim=(2, 3), unbiased=False)
+                self.stats[idx] = (mean, var)
+            else:
+                if mode == "accumulate":
+                    self._accumulate(idx, xf)
+                mean, var = self.stats[idx]
+                reps = x.shape[0] // mean.shape[0]
+                mean, var = mean.repeat(reps, 1), var.repeat(reps, 1)
+            y = (xf - mean[:, :, None, None]) * torch.rsqrt(var[:, :, None, None] + norm.eps)
+            if norm.affine:
+                y = y * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
+            return y.to(x.dtype)
+
+        return fwd
+
+    @contextlib.contextmanager
+    def active(self, mode: str) -> Iterator[None]:
+        try:
+            for i, n in enumerate(self.norms):
+                n.forward = self._forward(i, n, mode)  # instance attribute shadows the class method
+            yield
+        finally:
+            for n in self.norms:
+                n.__dict__.pop("forward", None)
+            self._sums.clear()
+            self._windows = []
+
+
+class TiledAutoEncoder(nn.Module):
+    """``encode``/``decode`` of an :class:`~magicfuse.models.AutoEncoder` on overlapping
+    image-space tiles (``tile``, ``overlap``, ``halo`` in image pixels, rounded up to
+    multiples of 4), with the InstanceNorm statistics taken from a downscaled proxy of
+    the whole input (see the module docstring). The default halo of 64 pixels covers
+    the decoder's receptive field (≈50 pixels), so with exact statistics tiling would be
+    exact. Inputs that fit in one tile go through the plain autoencoder."""
+
+    def __init__(self, ae: nn.Module, tile: int = 512, overlap: int = 64, *, halo: int = 64, proxy: int = 256,
+                 stat_passes: int = 0, tile_batch: int = 1):
+        super().__init__()
+        self.ae = ae
+        d = LATENT_DOWNSCALE
+        self.tile, self.overlap = _check_tile(tile, overlap, d, type(self).__name__)
+        self.halo = _round_up(max(int(halo), 0), d)
+        self.proxy = max(int(proxy), 4 * d)
+        self.stat_passes = max(int(stat_passes), 0)
+        self.tile_batch = int(tile_batch)
+        self.config = ae.config
+        self._enc_norms = _NormOverride(ae.encoder)
+        self._dec_norms = _NormOverride(ae.decoder)
+
+    def noise_shape(self, x: Tensor) -> tuple[int, int, int, int]:
+        return self.ae.noise_shape(x)
+
+    def _proxy_size(self, H: int, W: int) -> tuple[int, int]:
+        d = LATENT_DOWNSCALE
+        s = min(1.0, self.proxy / max(H, W))
+        return max(d, _round_up(int(round(H * s)), d)), max(d, _round_up(int(round(W * s)), d))
+
+    def encode(self, x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None, *,
+               noise_scale: float | None = None) -> Tensor:
+        ae, d = self.ae, LATENT_DOWNSCALE
+        ae._check_image(x)
+        H, W = x.shape[-2:]
+        if H <= self.tile and W <= self.tile:
+            return ae.encode(x, noise, generator, noise_scale=noise_scale)
+        shape = ae.noise_shape(x)
+        if noise is None:
+            scale = ae.config.noise_scale if noise_scale is None else float(noise_scale)
+            if scale == 0.0:
+                noise = torch.zeros(shape, device=x.device, dtype=x.dtype)
+            else:
+                gdev = generator.device if generator is not None else x.device
+                noise = torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32)
+                noise = (noise * scale).to(device=x.device, dtype=x.dtype)
+        elif tuple(noise.shape) != shape:
+            raise DataError(f"TiledAutoEncoder.encode: noise must have shape {shape}, got {tuple(noise.shape)}")
+        ph, pw = self._proxy_size(H, W)
+        px = F.interpolate(x, size=(ph, pw), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        pn = F.interpolate(noise, size=(ph // d, pw // d), mode="nearest")
+        with self._enc_norms.active("record"):
+            ae.encoder(px, pn)
+
+        def run(xs: list[Tensor], k: int):
+            return (ae.encoder(xs[1], xs[0]),)
+
+        s = self._tiled(self._enc_norms, run, [noise, x], in_scales=[1, d], out_scale=1)
+        return s * 2.0 - 1.0
+
+    def _tiled(self, norms: _NormOverride, run, inputs, *, in_scales, out_scale) -> Tensor:
+        d = LATENT_DOWNSCALE
+        kw = dict(tile=self.tile // d, overlap=self.overlap // d, halo=self.halo // d, in_scales=in_scales,
+                  out_scale=out_scale, tile_batch=self.tile_batch, before_chunk=norms.set_windows)
+        for _ in range(self.stat_passes):  # refine the proxy statistics into whole-image ones
+            with norms.active("accumulate"):
+                _blend(lambda xs, k: tuple(None for _ in run(xs, k)), inputs, **kw)
+                norms.finish_pass()
+        with norms.active("apply"):
+            return _blend(run, inputs, **kw)[0]
+
+    def decode(self, z: Tensor) -> Tensor:
+        ae, d = self.ae, LATENT_DOWNSCALE
+        c = ae.config.latent_channels
+        if z.ndim != 4 or z.shape[1] != c:
+            raise DataError(f"TiledAutoEncoder.decode: expected a latent batch (B,{c},h,w), got shape {tuple(z.shape)}")
+        h, w = z.shape[-2:]
+        if h * d <= self.tile and w * d <= self.tile:
+            return ae.decode(z)
+        s = ((z + 1.0) / 2.0).clamp(0.0, 1.0)
+        ph, pw = self._proxy_size(h * d, w * d)
+        ps = F.interpolate(s, size=(ph // d, pw // d), mode="bilinear", antialias=True, align_corners=False)
+        with self._dec_norms.active("record"):
+            ae.decoder(ps)
+
+        def run(xs: list[Tensor], k: int):
+            return (ae.decoder(xs[0]),)
+
+        return self._tiled(self._dec_norms, run, [s], in_scales=[1], out_scale=d)
+
+    def forward(self, x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        return self.decode(self.encode(x, noise, generator))
+
+
+# --------------------------------------------------------------------------- decision
+
+
+def needs_tiling(image_hw: tuple[int, int], budget: TilingBudget, multiple: int = 16) -> tuple[bool, bool]:
+    """(tile the latent networks?, tile the autoencoder?) for an image of ``image_hw``."""
+    H, W = _round_up(int(image_hw[0]), multiple), _round_up(int(image_hw[1]), multiple)
+    latent = (H // LATENT_DOWNSCALE) * (W // LATENT_DOWNSCALE)
+    return latent > budget.max_latent_pixels, H * W > budget.max_image_pixels
+
+
+def wrap_for_tiling(nets, image_hw: tuple[int, int], budget: TilingBudget | None = None):
+    """``nets`` (a ``MagicFuseNets``) with tiled wrappers where ``image_hw`` exceeds ``budget``.
+
+    Returns a new ``MagicFuseNets`` (the same object when nothing needs tiling); the
+    wrapped networks are shared, not copied.
+    """
+    from magicfuse.diffusion.sampler import required_multiple
+
+    budget = budget or TilingBudget()
+    mult = required_multiple(nets)
+    tile_latent, tile_ae = needs_tiling(image_hw, budget, mult)
+    if not (tile_latent or tile_ae):
+        return nets
+    changes = {}
+    if tile_latent:
+        kw = dict(tile=budget.tile, overlap=budget.overlap, tile_batch=budget.tile_batch)
+        kw["halo"] = budget.halo
+        for name in ("ikr", "ckg"):
+            net = getattr(nets, name)
+            if net is not None and not isinstance(net, TiledDenoiser):
+                changes[name] = TiledDenoiser(net, **kw)
+        if nets.fusion is not None and not isinstance(nets.fusion, TiledFusion):
+            changes["fusion"] = TiledFusion(nets.fusion, **kw)
+    if tile_ae and not isinstance(nets.ae, TiledAutoEncoder):
+        changes["ae"] = TiledAutoEncoder(nets.ae, budget.ae_tile, budget.ae_overlap, halo=budget.ae_halo,
+                                         proxy=budget.proxy)
+    return dataclasses.replace(nets, **changes)
