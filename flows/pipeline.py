@@ -53,27 +53,12 @@ def resolve_params(params_path: str = "params.yaml", profile: str | None = None,
                    overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`load_params(params_path)`, with `profile` (when given) selected as if it were written
     in the file, then `overrides` deep-merged over it."""
-    params = load_params(params_path)
-    if profile is not None and profile != params.get("profile", "tiny"):
-        path = Path(params_path)
-        raw = yaml.safe_load(path.read_text()) or {}
-        raw["profile"] = profile
-        params = raw if profile == "tiny" else deep_merge(raw, _profile_file(path, profile))
+    params = load_params(params_path, profile=profile)
     if overrides:
         if not isinstance(overrides, Mapping):
             raise ConfigError(f"flow parameter overrides must be a mapping, got {overrides!r}")
         params = deep_merge(params, overrides)
     return params
-
-
-def _profile_file(params_path: Path, profile: str) -> dict[str, Any]:
-    prof = params_path.parent / "profiles" / f"{profile}.yaml"
-    if not prof.is_file():
-        raise ConfigError(f"{params_path}: profile {profile!r} requested but {prof} does not exist")
-    over = yaml.safe_load(prof.read_text()) or {}
-    if not isinstance(over, dict):
-        raise ConfigError(f"{prof}: top level must be a mapping")
-    return over
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

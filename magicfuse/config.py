@@ -34,8 +34,11 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Read params.yaml (plus the profile overrides it selects) into a dict."""
+def load_params(path: str | Path = DEFAULT_PARAMS, *, profile: str | None = None) -> dict[str, Any]:
+    """Read params.yaml (plus the profile overrides it selects) into a dict.
+
+    `profile`, when given, replaces the file's top-level `profile` value.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: parameters file not found")
@@ -45,12 +48,16 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(params).__name__}")
+    if profile is not None:
+        params["profile"] = profile
     profile = params.get("profile", "tiny")
     if profile != "tiny":
         prof_path = path.parent / "profiles" / f"{profile}.yaml"
         if not prof_path.is_file():
             raise ConfigError(f"{path}: profile {profile!r} selected but {prof_path} does not exist")
         over = yaml.safe_load(prof_path.read_text()) or {}
+        if not isinstance(over, dict):
+            raise ConfigError(f"{prof_path}: top level must be a mapping")
         params = deep_merge(params, over)
     return params
 

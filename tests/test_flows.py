@@ -19,7 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 prefect = pytest.importorskip("prefect")
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `flows` is a top-level folder of the repository, not an installed package
+if str(REPO) not in sys.path:  # also set by pytest (pythonpath = ["."]); kept for direct runs
     sys.path.insert(0, str(REPO))
 
 from flows import pipeline as fp  # noqa: E402
