@@ -183,7 +183,8 @@ def magicfuse_pipeline(params_path: str = "params.yaml", profile: str | None = N
     """The whole pipeline under one MLflow pipeline run (its stage runs nest under it)."""
     params = resolve_params(params_path, profile, overrides)  # fail fast on bad parameters
     run_id = tracking.start_pipeline_run("pipeline", tags={"magicfuse.orchestrator": "prefect",
-                                                           "magicfuse.profile": str(params.get("profile", "tiny"))})
+                                                           "magicfuse.profile": str(params.get("profile", "tiny"))},
+                                        experiment=str(params.get("tracking", {}).get("experiment", "magicfuse")))
     print(f"MLflow pipeline run {run_id}")
     status = "FAILED"
     try:

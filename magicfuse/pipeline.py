@@ -97,7 +97,7 @@ def synthesize(params: Mapping[str, Any]) -> dict[str, Any]:
 
     cfg = section(params, "synthesize", SynthesizeConfig)
     splits = cfg.splits or {"train": 192, "val": 16, "test": 32}
-    with tracking.stage_run("synthesize", params={"synthesize": to_dict(cfg)}):
+    with _stage_run(params, "synthesize", {"synthesize": to_dict(cfg)}):
         t0 = time.perf_counter()
         out = write_synthetic_dataset(cfg.out_dir, seed=cfg.seed, splits=splits, height=cfg.height,
                                       width=cfg.width, progress=True)
@@ -125,7 +125,7 @@ def shards(params: Mapping[str, Any], source: str | None = None) -> dict[str, An
                               f"(see docs/DATASETS.md for the expected layout)")
         shard_cfg = ShardConfig(samples_per_shard=cfg.samples_per_shard, seed=cfg.seed, max_samples=cfg.max_samples)
         out_dir = Path(cfg.out_dir) / name
-        with tracking.stage_run(f"shards@{name}", params={"shards": to_dict(cfg), "source": to_dict(src)}):
+        with _stage_run(params, f"shards@{name}", {"shards": to_dict(cfg), "source": to_dict(src)}):
             per_split = {}
             for split in src.splits:
                 reader = open_reader(src.kind, src.root, split, **(src.options or {}))
@@ -145,7 +145,7 @@ def train_ae(params: Mapping[str, Any]) -> dict[str, Any]:
     cfg = section(params, "train_ae", AETrainConfig)
     cfg = _with_device(cfg, params)
     out_dir = ARTIFACTS / "ae"
-    with tracking.stage_run("train_ae", params={"train_ae": to_dict(cfg)}):
+    with _stage_run(params, "train_ae", {"train_ae": to_dict(cfg)}):
         res = train_autoencoder(cfg, _one_shards_dir(params), out_dir, logger=tracking.MetricLogger("train/"))
         _finish_training("train_ae", out_dir, res)
         _register_component(params, "ae", res.checkpoint)
@@ -160,7 +160,7 @@ def train_ldm(params: Mapping[str, Any], branch: str) -> dict[str, Any]:
     cfg = _with_device(section(params, stage, LDMTrainConfig), params)
     out_dir = ARTIFACTS / branch
     ae_ckpt = ARTIFACTS / "ae" / "ae.pt"
-    with tracking.stage_run(stage, params={stage: to_dict(cfg)}):
+    with _stage_run(params, stage, {stage: to_dict(cfg)}):
         res = _train(cfg, branch=branch, ae_checkpoint=ae_ckpt, shards_dir=_one_shards_dir(params),
                      out_dir=out_dir, logger=tracking.MetricLogger("train/"))
         _finish_training(stage, out_dir, res)
@@ -174,7 +174,7 @@ def train_mkf(params: Mapping[str, Any]) -> dict[str, Any]:
 
     cfg = _with_device(section(params, "train_mkf", MKFTrainConfig), params)
     out_dir = ARTIFACTS / "mkf"
-    with tracking.stage_run("train_mkf", params={"train_mkf": to_dict(cfg)}):
+    with _stage_run(params, "train_mkf", {"train_mkf": to_dict(cfg)}):
         res = _train(cfg, ae_checkpoint=ARTIFACTS / "ae" / "ae.pt", ikr_checkpoint=ARTIFACTS / "ikr" / "ikr.pt",
                      ckg_checkpoint=ARTIFACTS / "ckg" / "ckg.pt", shards_dir=_one_shards_dir(params),
                      out_dir=out_dir, logger=tracking.MetricLogger("train/"))
@@ -190,7 +190,7 @@ def evaluate(params: Mapping[str, Any]) -> dict[str, Any]:
     cfg = section(params, "evaluate", EvaluateConfig)
     out_dir = _stage_reports("evaluate")
     pipeline_ckpt = ARTIFACTS / "mkf" / "pipeline.pt"
-    with tracking.stage_run("evaluate", params={"evaluate": to_dict(cfg)}) as run:
+    with _stage_run(params, "evaluate", {"evaluate": to_dict(cfg)}) as run:
         result = run_evaluation(cfg, pipeline_checkpoint=pipeline_ckpt, shards_dir=_one_shards_dir(params),
                                 out_dir=out_dir)
         tracking.log_metrics(result["metrics"], prefix="eval.")
@@ -234,6 +234,14 @@ class TrackingConfig:
 
 def _tracking_cfg(params: Mapping[str, Any]) -> TrackingConfig:
     return from_mapping(TrackingConfig, params.get("tracking", {}), where="params.yaml:tracking")
+
+
+def _stage_run(params: Mapping[str, Any], stage: str, stage_params: Mapping[str, Any]):
+    """The MLflow run of one stage, in the experiment named by params.yaml:tracking."""
+    from magicfuse import tracking
+
+    logged = {**stage_params, "profile": params.get("profile", "tiny")}
+    return tracking.stage_run(stage, params=logged, experiment=_tracking_cfg(params).experiment)
 
 
 def _register_component(params: Mapping[str, Any], kind: str, checkpoint: Path,

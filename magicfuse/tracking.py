@@ -83,11 +83,11 @@ def _read_pipeline_run(path: Path) -> str | None:
 
 
 def start_pipeline_run(name: str = "pipeline", *, tags: Mapping[str, str] | None = None,
-                       record: Path | None = PIPELINE_RUN_FILE) -> str:
+                       record: Path | None = PIPELINE_RUN_FILE, experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Create a fresh parent run for one pipeline execution and remember its id."""
     import mlflow
 
-    exp_id = configure()
+    exp_id = configure(experiment)
     client = mlflow.MlflowClient()
     run = client.create_run(exp_id, run_name=name, tags={"magicfuse.kind": "pipeline", **(tags or {})})
     if record is not None:
@@ -95,7 +95,7 @@ def start_pipeline_run(name: str = "pipeline", *, tags: Mapping[str, str] | None
     return run.info.run_id
 
 
-def current_pipeline_run(record: Path = PIPELINE_RUN_FILE) -> str:
+def current_pipeline_run(record: Path = PIPELINE_RUN_FILE, *, experiment: str = DEFAULT_EXPERIMENT) -> str:
     """The parent run of the current pipeline: env var, the recorded one, or a new one."""
     import mlflow
 
@@ -107,7 +107,7 @@ def current_pipeline_run(record: Path = PIPELINE_RUN_FILE) -> str:
                 return run_id
         except Exception:  # run from another store or deleted: start a new one
             pass
-    return start_pipeline_run(record=record)
+    return start_pipeline_run(record=record, experiment=experiment)
 
 
 def end_pipeline_run(status: str = "FINISHED", record: Path = PIPELINE_RUN_FILE, *, run_id: str | None = None) -> None:
@@ -122,12 +122,13 @@ def end_pipeline_run(status: str = "FINISHED", record: Path = PIPELINE_RUN_FILE,
 
 @contextlib.contextmanager
 def stage_run(stage: str, *, params: Mapping[str, Any] | None = None,
-              parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """An MLflow run for one stage, nested under the pipeline run."""
+              parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+              experiment: str = DEFAULT_EXPERIMENT) -> Iterator[Any]:
+    """An MLflow run for one stage of experiment `experiment`, nested under the pipeline run."""
     import mlflow
 
-    configure()
-    parent = parent_run_id or current_pipeline_run()
+    configure(experiment)
+    parent = parent_run_id or current_pipeline_run(experiment=experiment)
     tags = {"magicfuse.stage": stage, "mlflow.parentRunId": parent, **(tags or {})}
     with mlflow.start_run(run_name=stage, tags=tags, nested=mlflow.active_run() is not None) as run:
         if params:
