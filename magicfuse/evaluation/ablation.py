@@ -1,0 +1,413 @@
+"""The τ sweep (Fig. 7) and the Models I–IV ablations (Tables 6–7), as a library.
+
+`run_ablations(nets, images, ...)` runs the joint sampler on a list of degraded
+visible images once per τ in ``taus`` (variant ``full``) and once per ablation
+variant (at the default τ), scores every run with the fusion metrics
+(`magicfuse.evaluation.metrics`, A = real infrared, B = the visible reference the
+caller passes) and, where the variant has a segmentation output, with the
+segmentation head's own mIoU ("Ours-S") on the labels. `write_ablation_report`
+writes the tables and the τ plot with `magicfuse.evaluation.report.write_report`.
+`magicfuse.evaluation.pipeline.run_evaluation` calls both; they work standalone too.
+
+The variants (DESIGN.md §1; `magicfuse.diffusion.sampler`):
+
+* ``model1`` — F without the ẑ0 inputs. The paper retrains F without them. Here,
+  with one trained pipeline, the SAME weights run with ``use_zhat=False`` (the ẑ0
+  slots of F's input are zeros; the parameter layout is unchanged): an
+  **inference-time ablation**, not a retrained one.
+* ``model2`` — no segmentation head: the head of the trained F still runs (its
+  state is part of F) but its output is ignored — no radiation weighting, no map.
+  Again inference-time, on the same weights.
+* ``model3`` — output fusion instead of noise fusion; ``model4`` — IKR only. These
+  need no retraining, so they match the paper's protocol.
+
+Sampling is deterministic and independent of batching: every image gets its own
+z_T, encoder noise and segmentation noise, drawn from a generator seeded by
+``(seed, key)`` (`image_seed`). So one image gets the same starting noise in every
+run (τ values, variants, subsets), and runs differ only by what is being ablated.
+Image outputs are turned to uint8 by rounding (the authors' code truncates; see
+METRICS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from magicfuse.data.classes import IGNORE_INDEX, MFNET_CLASSES, NUM_CLASSES
+from magicfuse.diffusion.sampler import VARIANTS, MagicFuseNets, magicfuse_sample, required_multiple
+from magicfuse.errors import ConfigError, DataError
+from magicfuse.evaluation.metrics import compute_metrics_batch
+from magicfuse.evaluation.segmentation import ConfusionMatrix
+
+__all__ = [
+    "ABLATION_VARIANTS",
+    "VARIANT_LABELS",
+    "OURS_S_MIOU",
+    "SampleRun",
+    "AblationResult",
+    "image_seed",
+    "image_noises",
+    "variant_nets",
+    "sample_set",
+    "to_uint8_rgb",
+    "to_uint8_gray",
+    "visual_means",
+    "segmentation_scores",
+    "run_ablations",
+    "write_ablation_report",
+]
+
+ABLATION_VARIANTS: tuple[str, ...] = ("model1", "model2", "model3", "model4")
+
+# Row names (MLflow-safe: letters, digits, spaces, '-', '.', ':' only).
+VARIANT_LABELS: dict[str, str] = {
+    "full": "MagicFuse full",
+    "model1": "Model I - F without zhat inputs",
+    "model2": "Model II - no segmentation head",
+    "model3": "Model III - output fusion",
+    "model4": "Model IV - IKR only",
+}
+VARIANT_NOTES: dict[str, str] = {
+    "full": "the evaluated pipeline",
+    "model1": "inference-time: same trained F with zero zhat inputs (the paper retrains F)",
+    "model2": "inference-time: same trained F, head output ignored (the paper retrains F without S)",
+    "model3": "no retraining needed: F fuses the final latents once",
+    "model4": "no retraining needed: the IKR branch alone",
+}
+OURS_S_MIOU = "Ours-S mIoU"
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def image_seed(seed: int, key: str) -> int:
+    """63-bit seed of one image's starting noises, from (seed, key) only."""
+    h = hashlib.sha256(f"magicfuse-eval\x00{int(seed)}\x00{key}".encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def image_noises(nets: MagicFuseNets, key: str, seed: int, height: int, width: int,
+                 *, with_seg: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(z_T, encoder noise, segmentation noise) of one image, each with batch size 1,
+    at the padded latent size the sampler uses. Drawn on the CPU from `image_seed`."""
+    mult = required_multiple(nets)
+    hp, wp = height + (-height) % mult, width + (-width) % mult
+    ae_cfg = nets.ae.config
+    g = torch.Generator().manual_seed(image_seed(seed, key))
+    lat = int(getattr(ae_cfg, "latent_channels", 8))
+    z_t = torch.randn((1, lat, hp // 4, wp // 4), generator=g)
+    ae_shape = nets.ae.noise_shape(torch.empty(1, 3, hp, wp, device="meta"))
+    ae_noise = torch.randn(ae_shape, generator=g) * float(getattr(ae_cfg, "noise_scale", 1.0))
+    seg = None
+    if with_seg:
+        nc = int(nets.fusion.config.num_classes)
+        seg = torch.randn((1, nc, hp // 4, wp // 4), generator=g)
+    return z_t, ae_noise, seg
+
+
+def variant_nets(nets: MagicFuseNets, variant: str) -> MagicFuseNets:
+    """The networks to run `variant` with, from ONE trained full pipeline.
+
+    ``model1`` gets a copy of F with ``use_zhat=False`` and the same weights; the
+    other variants use the networks as they are (the sampler handles them).
+    """
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown sampler variant {variant!r}; expected one of {list(VARIANTS)}")
+    if variant in ("full", "model2", "model3", "model4"):
+        if variant != "model4" and nets.fusion is not None:
+            cfg = nets.fusion.config
+            if not cfg.use_zhat or not cfg.seg_head:
+                raise ConfigError(
+                    f"variant {variant!r} needs a full fusion network (use_zhat and seg_head); this one has "
+                    f"use_zhat={cfg.use_zhat}, seg_head={cfg.seg_head}"
+                )
+        return nets
+    # model1: same weights, ẑ0 slots zeroed
+    from magicfuse.models.fusion import FusionNet
+
+    if nets.fusion is None:
+        raise ConfigError("variant 'model1' needs the fusion network")
+    cfg = nets.fusion.config
+    if not cfg.seg_head:
+        raise ConfigError("variant 'model1' needs a fusion network with a segmentation head")
+    if not cfg.use_zhat:
+        return nets
+    param = next(nets.fusion.parameters())
+    f1 = FusionNet(dataclasses.replace(cfg, use_zhat=False)).to(device=param.device, dtype=param.dtype)
+    f1.load_state_dict(nets.fusion.state_dict(), strict=True)
+    f1.eval()
+    return MagicFuseNets(ae=nets.ae, ikr=nets.ikr, ckg=nets.ckg, fusion=f1)
+
+
+def to_uint8_rgb(x: torch.Tensor) -> np.ndarray:
+    """(B,3,H,W) float [0,1] -> (B,H,W,3) uint8, rounded."""
+    return (x.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_uint8_gray(x: torch.Tensor) -> np.ndarray:
+    """(B,1,H,W) float [0,1] -> (B,H,W) uint8, rounded."""
+    return (x.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)[:, 0].cpu().numpy()
+
+
+@dataclass
+class SampleRun:
+    """Sampler outputs for a list of images (uint8 numpy, one entry per image).
+
+    ``magimg``/``ikr``/``ckg`` (H,W,3); ``ckg_ir`` (H,W) = the CKG image's channel
+    mean; ``seg`` (H,W) uint8 class ids. Lists are None where the variant has no
+    such output (e.g. ``seg`` for model2/model4, ``ckg`` for model4).
+    """
+
+    keys: list[str]
+    variant: str
+    tau: float
+    steps: int
+    magimg: list[np.ndarray]
+    ikr: list[np.ndarray]
+    ckg: list[np.ndarray] | None
+    ckg_ir: list[np.ndarray] | None
+    seg: list[np.ndarray] | None
+    seconds: float = 0.0
+
+    def head(self, n: int) -> "SampleRun":
+        """The first `n` images."""
+        cut = (lambda v: None if v is None else v[:n])
+        return SampleRun(self.keys[:n], self.variant, self.tau, self.steps, self.magimg[:n], self.ikr[:n],
+                         cut(self.ckg), cut(self.ckg_ir), cut(self.seg), self.seconds)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr)
+
+
+def _check_images(images: Sequence[np.ndarray], keys: Sequence[str]) -> None:
+    if len(images) != len(keys):
+        raise DataError(f"sample_set: {len(images)} images but {len(keys)} keys")
+    if not images:
+        raise DataError("sample_set: no images")
+    for img, key in zip(images, keys):
+        a = np.asarray(img)
+        if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+            raise DataError(f"sample_set: image {key!r} must be uint8 (H,W,3) RGB, got {a.dtype} {a.shape}")
+
+
+def sample_set(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Sequence[str], *,
+               steps: int, tau: float, thermal_classes: Sequence[int], variant: str = "full",
+               seed: int = 0, batch_size: int = 8, device: str | torch.device = "cpu",
+               progress: bool = True, desc: str | None = None) -> SampleRun:
+    """Run the sampler on uint8 RGB images (degraded visible); batches group same-size images.
+
+    Each image's noises come from `image_noises(key, seed)`, so results do not depend
+    on the batch composition (up to float rounding of batched kernels) or order.
+    """
+    import time
+
+    _check_images(images, keys)
+    if batch_size < 1:
+        raise ConfigError(f"sample_set: batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    vnets = variant_nets(nets, variant)
+    with_seg = variant != "model4" and vnets.fusion is not None and bool(vnets.fusion.config.seg_head)
+    n = len(images)
+    out: dict[str, list[Any]] = {k: [None] * n for k in ("magimg", "ikr", "ckg", "ckg_ir", "seg")}
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        by_size.setdefault(tuple(np.asarray(img).shape[:2]), []).append(i)
+    bar = _progress(n, desc or f"sample[{variant}, tau={tau:g}]", progress)
+    t0 = time.perf_counter()
+    for (h, w), idx in by_size.items():
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s:s + batch_size]
+            x = torch.from_numpy(np.stack([np.asarray(images[i]) for i in chunk])).permute(0, 3, 1, 2)
+            x = (x.float() / 255.0).to(device)
+            noises = [image_noises(vnets, keys[i], seed, h, w, with_seg=with_seg) for i in chunk]
+            z_t = torch.cat([z for z, _, _ in noises]).to(device)
+            ae_noise = torch.cat([a for _, a, _ in noises]).to(device)
+            seg_noise = torch.cat([sn for _, _, sn in noises]).to(device) if with_seg else None
+            res = magicfuse_sample(vnets, x, steps=steps, tau=float(tau), thermal_classes=tuple(thermal_classes),
+                                   variant=variant, noise=z_t, ae_noise=ae_noise, seg_noise=seg_noise)
+            fields = {
+                "magimg": to_uint8_rgb(res.magimg),
+                "ikr": to_uint8_rgb(res.ikr),
+                "ckg": to_uint8_rgb(res.ckg) if res.ckg is not None else None,
+                "ckg_ir": to_uint8_gray(res.ckg_ir) if res.ckg_ir is not None else None,
+                "seg": res.seg.to(torch.uint8).cpu().numpy() if res.seg is not None else None,
+            }
+            for name, arr in fields.items():
+                if arr is None:
+                    continue
+                for j, i in enumerate(chunk):
+                    out[name][i] = arr[j]
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+
+    def full(name: str) -> list[np.ndarray] | None:
+        vals = out[name]
+        return None if any(v is None for v in vals) else list(vals)
+
+    return SampleRun(keys=list(keys), variant=variant, tau=float(tau), steps=int(steps),
+                     magimg=full("magimg"), ikr=full("ikr"), ckg=full("ckg"), ckg_ir=full("ckg_ir"),
+                     seg=full("seg"), seconds=time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def visual_means(fused: Sequence[np.ndarray], infrared: Sequence[np.ndarray], visible: Sequence[np.ndarray],
+                 metrics: Sequence[str], *, conventions: Any = "reference") -> dict[str, float]:
+    """Fusion metrics per image (A = infrared, B = visible), averaged over the images.
+
+    Images may differ in size between triples; each metric is computed per image and
+    then averaged (arithmetic mean; a NaN in any image gives NaN, as in MATLAB).
+    """
+    if not (len(fused) == len(infrared) == len(visible)) or not fused:
+        raise DataError(f"visual_means: need equal, non-zero numbers of images "
+                        f"(fused {len(fused)}, infrared {len(infrared)}, visible {len(visible)})")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, f in enumerate(fused):
+        groups.setdefault(np.asarray(f).shape[:2], []).append(i)
+    per: dict[str, list[float]] = {m: [] for m in metrics}
+    for idx in groups.values():
+        res = compute_metrics_batch(np.stack([fused[i] for i in idx]), np.stack([infrared[i] for i in idx]),
+                                    np.stack([visible[i] for i in idx]), metrics=list(metrics),
+                                    conventions=conventions)
+        for m in metrics:
+            per[m].extend(float(v) for v in res[m])
+    return {m: float(np.mean(v)) for m, v in per.items()}
+
+
+def segmentation_scores(preds: Sequence[np.ndarray], labels: Sequence[np.ndarray], num_classes: int = NUM_CLASSES,
+                        class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """{"per_class_iou": {name: IoU}, "miou", "pixel_acc"} (fractions) over all images."""
+    cm = ConfusionMatrix(num_classes, IGNORE_INDEX)
+    for p, y in zip(preds, labels):
+        cm.update(np.asarray(p).astype(np.int64), np.asarray(y).astype(np.int64))
+    if class_names is None:
+        class_names = MFNET_CLASSES if num_classes == NUM_CLASSES else [str(i) for i in range(num_classes)]
+    return {"per_class_iou": cm.per_class_iou(class_names), "miou": cm.miou(), "pixel_acc": cm.pixel_accuracy()}
+
+
+def _has_labels(labels: Sequence[np.ndarray] | None) -> bool:
+    return labels is not None and any(bool((np.asarray(y) != IGNORE_INDEX).any()) for y in labels)
+
+
+# --------------------------------------------------------------------------- ablations
+
+
+@dataclass
+class AblationResult:
+    """``tau_curve``: {τ: {metric: value, "Ours-S mIoU": %}}; ``variant_rows``: report
+    rows (name, metrics, Ours-S mIoU in %, variant, protocol); ``runs``: the sampler runs."""
+
+    tau_curve: dict[float, dict[str, float]]
+    variant_rows: list[dict[str, Any]]
+    runs: dict[tuple[str, float], SampleRun] = field(default_factory=dict)
+    num_images: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "num_images": self.num_images,
+            "tau_curve": {f"{t:g}": dict(v) for t, v in self.tau_curve.items()},
+            "variants": {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in self.variant_rows},
+        }
+
+
+def _row_scores(run: SampleRun, infrared, visible, labels, metrics, num_classes, conventions) -> dict[str, Any]:
+    row: dict[str, Any] = dict(visual_means(run.magimg, infrared, visible, metrics, conventions=conventions))
+    if run.seg is not None and _has_labels(labels):
+        row[OURS_S_MIOU] = 100.0 * segmentation_scores(run.seg, labels, num_classes)["miou"]
+    else:
+        row[OURS_S_MIOU] = float("nan")  # no segmentation output (model2/model4) or no labels
+    return row
+
+
+def run_ablations(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Sequence[str], *,
+                  infrared: Sequence[np.ndarray], visible: Sequence[np.ndarray],
+                  labels: Sequence[np.ndarray] | None = None,
+                  taus: Iterable[float] = (0.0, 0.2, 0.4, 0.6, 0.8),
+                  variants: Iterable[str] = ABLATION_VARIANTS,
+                  steps: int = 25, tau: float = 0.4, thermal_classes: Sequence[int] = (1, 2),
+                  seed: int = 0, batch_size: int = 8, device: str | torch.device = "cpu",
+                  metrics: Sequence[str] = ("EN", "SSIM", "MI", "Qabf", "PSNR"),
+                  conventions: Any = "reference",
+                  reuse: Mapping[tuple[str, float], SampleRun] | None = None,
+                  progress: bool = True) -> AblationResult:
+    """The τ sweep (variant ``full`` at each τ) and the ablation variants (at `tau`).
+
+    `images`: degraded visible uint8 (H,W,3) — the sampler input; `infrared` /
+    `visible`: the metric sources A / B (uint8); `labels`: (H,W) class ids, 255 =
+    ignore, for the Ours-S mIoU (None: n/a). `reuse` maps (variant, τ) to a
+    `SampleRun` already computed on the same keys (at least as many images, same
+    order, same seed and steps), e.g. the main evaluation run; it is sliced, not rerun.
+    """
+    n = len(images)
+    _check_images(images, keys)
+    if len(infrared) != n or len(visible) != n or (labels is not None and len(labels) != n):
+        raise DataError("run_ablations: images, infrared, visible (and labels) must have the same length")
+    taus = [float(t) for t in taus]
+    variants = list(variants)
+    for t in taus:
+        if not 0.0 <= t <= 1.0:
+            raise ConfigError(f"run_ablations: tau values must lie in [0, 1], got {t}")
+    for v in variants:
+        if v not in VARIANTS:
+            raise ConfigError(f"run_ablations: unknown variant {v!r}; expected some of {list(VARIANTS)}")
+    num_classes = int(nets.fusion.config.num_classes) if nets.fusion is not None else NUM_CLASSES
+    runs: dict[tuple[str, float], SampleRun] = {}
+
+    def get(variant: str, t: float) -> SampleRun:
+        k = (variant, float(t))
+        if k in runs:
+            return runs[k]
+        if reuse is not None and k in reuse:
+            r = reuse[k]
+            if r.keys[:n] != list(keys) or r.steps != steps:
+                raise DataError(f"run_ablations: the reused run for {k} was made on other images or steps")
+            runs[k] = r.head(n)
+        else:
+            runs[k] = sample_set(nets, images, keys, steps=steps, tau=t, thermal_classes=thermal_classes,
+                                 variant=variant, seed=seed, batch_size=batch_size, device=device,
+                                 progress=progress, desc=f"ablation[{variant}, tau={t:g}]")
+        return runs[k]
+
+    tau_curve: dict[float, dict[str, float]] = {}
+    for t in taus:
+        tau_curve[t] = _row_scores(get("full", t), infrared, visible, labels, metrics, num_classes, conventions)
+
+    rows: list[dict[str, Any]] = []
+    for v in ["full"] + [v for v in variants if v != "full"]:
+        if v == "full" and float(tau) in tau_curve:
+            scores = tau_curve[float(tau)]
+        else:
+            scores = _row_scores(get(v, tau), infrared, visible, labels, metrics, num_classes, conventions)
+        rows.append({"name": VARIANT_LABELS[v], **scores})
+    return AblationResult(tau_curve=tau_curve, variant_rows=rows, runs=runs, num_images=n)
+
+
+def write_ablation_report(result: AblationResult, out_dir: str | Path, *,
+                          title: str = "MagicFuse ablations") -> dict[str, Path]:
+    """Write the ablation table and the τ curve (CSV, JSON, PNG plot) with report.write_report."""
+    from magicfuse.evaluation.report import write_report
+
+    notes = {VARIANT_LABELS[k]: v for k, v in VARIANT_NOTES.items()
+             if any(r["name"] == VARIANT_LABELS[k] for r in result.variant_rows)}
+    return write_report(out_dir, ablation_tables={"Models I-IV": result.variant_rows},
+                        tau_curve=result.tau_curve,
+                        extra={"images": result.num_images, **notes}, title=title)
+
