@@ -25,6 +25,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 from magicfuse.checkpoint import save_model  # noqa: E402
+from magicfuse.data.degrade import DegradationConfig  # noqa: E402
 from magicfuse.data.readers import open_reader  # noqa: E402
 from magicfuse.data.shards import ShardConfig, write_shards  # noqa: E402
 from magicfuse.data.synthetic import write_synthetic_dataset  # noqa: E402
@@ -35,12 +36,13 @@ OFFICIAL_AE = Path(__file__).resolve().parents[1] / ".." / "shared" / "weights" 
 BATCH = {"ikr": 16, "ckg": 4}  # Table 1
 
 
-def make_shards(root: Path, n: int, height: int, width: int) -> Path:
+def make_shards(root: Path, n: int, height: int, width: int, kinds: tuple[str, ...] | None) -> Path:
     scenes = root / "scenes"
     write_synthetic_dataset(scenes, seed=0, splits={"train": n}, height=height, width=width, progress=False)
     out = root / "shards"
     write_shards(open_reader("msrs", scenes, "train"), out, split="train", source_name="synthetic",
-                 cfg=ShardConfig(samples_per_shard=64, seed=0), progress=False)
+                 cfg=ShardConfig(samples_per_shard=64, seed=0),
+                 degradation_cfg=DegradationConfig(kinds=kinds) if kinds else None, progress=False)
     return out
 
 
@@ -56,6 +58,9 @@ def main() -> None:
     ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (default fp32)")
     ap.add_argument("--scenes", type=int, default=48)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--degradations", default=None,
+                    help="comma-separated degradation kinds for the shards (default: all; the ones done in "
+                         "numpy - haze,rain,low_light,over_exposure,motion_blur - need no Albumentations)")
     args = ap.parse_args()
 
     crop = args.crop or (256 if args.preset == "paper" else 64)
@@ -67,7 +72,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        shards = make_shards(tmp, args.scenes, *size)
+        kinds = tuple(args.degradations.split(",")) if args.degradations else None
+        shards = make_shards(tmp, args.scenes, *size, kinds)
         print(f"shards: {args.scenes} scenes of {size[1]}x{size[0]} in {time.perf_counter() - t0:.1f} s")
         ae_path = OFFICIAL_AE if OFFICIAL_AE.is_file() else tmp / "ae.pt"
         if not OFFICIAL_AE.is_file():

@@ -216,6 +216,9 @@ def resolve_source(source: str | Path, workdir: Path) -> Path:
             import mlflow.artifacts
         except ImportError as exc:  # pragma: no cover - mlflow is a dependency
             raise CheckpointError(f"{text}: MLflow is needed to load a model URI ({exc})") from None
+        from magicfuse.tracking import use_tracking_store
+
+        use_tracking_store()  # $MLFLOW_TRACKING_URI, else the project's local sqlite store
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(workdir / "mlflow")))
         except MagicFuseError:

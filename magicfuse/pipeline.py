@@ -187,12 +187,17 @@ def evaluate(params: Mapping[str, Any]) -> dict[str, Any]:
     from magicfuse import tracking
     from magicfuse.evaluation.pipeline import EvaluateConfig, run_evaluation
 
-    cfg = section(params, "evaluate", EvaluateConfig)
-    out_dir = _stage_reports("evaluate")
+    cfg = _with_device(section(params, "evaluate", EvaluateConfig), params)
+    reports = _stage_reports("evaluate")
+    out_dir = reports / "report"  # the whole report (markdown, html, csv, figures)
     pipeline_ckpt = ARTIFACTS / "mkf" / "pipeline.pt"
     with _stage_run(params, "evaluate", {"evaluate": to_dict(cfg)}) as run:
         result = run_evaluation(cfg, pipeline_checkpoint=pipeline_ckpt, shards_dir=_one_shards_dir(params),
                                 out_dir=out_dir)
+        # DVC metrics and plots sit beside the report folder (they may not live inside an output).
+        for name in ("metrics.json", "tau_curve.csv"):
+            if (out_dir / name).exists():
+                shutil.copyfile(out_dir / name, reports / name)
         tracking.log_metrics(result["metrics"], prefix="eval.")
         tracking.log_artifacts([out_dir], artifact_path="report")
         decision = _register_pipeline(params, pipeline_ckpt, eval_run_id=run.info.run_id)

@@ -39,6 +39,16 @@ def default_tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def use_tracking_store(tracking_uri: str | None = None) -> str:
+    """Point MLflow at the tracking store (explicit URI, `MLFLOW_TRACKING_URI`, or the
+    local sqlite default) without touching experiments; returns the URI."""
+    import mlflow
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def configure(experiment: str = DEFAULT_EXPERIMENT, tracking_uri: str | None = None) -> str:
     """Point MLflow at the tracking store and experiment; returns the experiment id.
 
@@ -47,8 +57,7 @@ def configure(experiment: str = DEFAULT_EXPERIMENT, tracking_uri: str | None = N
     """
     import mlflow
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    uri = use_tracking_store(tracking_uri)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

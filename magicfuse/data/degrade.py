@@ -30,7 +30,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -67,8 +66,16 @@ def _linear(image: np.ndarray) -> np.ndarray:
     return (image.astype(np.float32) / 255.0) ** 2.2
 
 
-def _albu(transform: A.BasicTransform, image: np.ndarray, seed: int) -> np.ndarray:
-    return A.Compose([transform], seed=int(seed))(image=image)["image"]
+def _A() -> Any:
+    """Albumentations, imported on first use (it is slow to import and only some
+    degradations and the geometric augmentation need it)."""
+    import albumentations
+
+    return albumentations
+
+
+def _albu(transform: Any, image: np.ndarray, seed: int) -> np.ndarray:
+    return _A().Compose([transform], seed=int(seed))(image=image)["image"]
 
 
 # ----------------------------------------------------------------------------- haze
@@ -255,7 +262,7 @@ def _defocus_sample(rng: np.random.Generator, shape: tuple[int, ...], depth_give
 
 def _defocus_apply(image: np.ndarray, p: Mapping[str, Any], depth: np.ndarray | None = None) -> np.ndarray:
     r, a = int(p["radius"]), float(p["alias_blur"])
-    return _albu(A.Defocus(radius=(r, r), alias_blur=(a, a), p=1.0), image, 0)
+    return _albu(_A().Defocus(radius=(r, r), alias_blur=(a, a), p=1.0), image, 0)
 
 
 def _noise_sample(rng: np.random.Generator, shape: tuple[int, ...], depth_given: bool) -> dict[str, Any]:
@@ -264,7 +271,7 @@ def _noise_sample(rng: np.random.Generator, shape: tuple[int, ...], depth_given:
 
 def _noise_apply(image: np.ndarray, p: Mapping[str, Any], depth: np.ndarray | None = None) -> np.ndarray:
     s = float(p["std"])
-    t = A.GaussNoise(std_range=(s, s), mean_range=(0.0, 0.0), per_channel=bool(p["per_channel"]), p=1.0)
+    t = _A().GaussNoise(std_range=(s, s), mean_range=(0.0, 0.0), per_channel=bool(p["per_channel"]), p=1.0)
     return _albu(t, image, int(p["seed"]))
 
 
@@ -274,7 +281,7 @@ def _jpeg_sample(rng: np.random.Generator, shape: tuple[int, ...], depth_given: 
 
 def _jpeg_apply(image: np.ndarray, p: Mapping[str, Any], depth: np.ndarray | None = None) -> np.ndarray:
     q = int(p["quality"])
-    return _albu(A.ImageCompression(compression_type="jpeg", quality_range=(q, q), p=1.0), image, 0)
+    return _albu(_A().ImageCompression(compression_type="jpeg", quality_range=(q, q), p=1.0), image, 0)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -453,7 +460,8 @@ def augment_geometry(seed: int, visible: np.ndarray, infrared: np.ndarray | None
         raise ConfigError(f"augment_geometry: seed must be an integer >= 0, got {seed!r}")
     if not 0.0 <= hflip_prob <= 1.0:
         raise ConfigError(f"augment_geometry: hflip_prob must be in [0, 1], got {hflip_prob!r}")
-    transforms: list[A.BasicTransform] = [A.HorizontalFlip(p=float(hflip_prob))]
+    A = _A()
+    transforms: list[Any] = [A.HorizontalFlip(p=float(hflip_prob))]
     s0, s1 = float(scale_range[0]), float(scale_range[1])
     if not 0 < s0 <= s1:
         raise ConfigError(f"augment_geometry: scale_range must be 0 < lo <= hi, got {scale_range!r}")
