@@ -67,7 +67,7 @@ def test_resolve_params_profile_and_overrides(tmp_path):
     assert fp.resolve_params(str(tmp_path / "p2.yaml"), profile="tiny")["train_ae"] == {"steps": 3}
     assert fp.resolve_params(str(tmp_path / "p2.yaml"))["train_ae"] == {"steps": 100000}
 
-    with pytest.raises(ConfigError, match=r"profile 'huge' requested but .*profiles/huge.yaml does not exist"):
+    with pytest.raises(ConfigError, match=r"profile 'huge' selected but .*profiles/huge.yaml does not exist"):
         fp.resolve_params(str(params), profile="huge")
     with pytest.raises(ConfigError, match="parameters file not found"):
         fp.resolve_params(str(tmp_path / "nope.yaml"))
