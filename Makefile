@@ -33,8 +33,10 @@ $(STAMP): pyproject.toml
 run: setup
 	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "make run needs a git checkout (DVC requires git)"; exit 1; }
 	$(BIN)/dvc config --local core.analytics false
-	$(BIN)/dvc repro
-	@$(BIN)/dvc metrics show || true
+	$(BIN)/python -m magicfuse.tracking start
+	$(BIN)/dvc repro || { $(BIN)/python -m magicfuse.tracking end --status FAILED; exit 1; }
+	$(BIN)/python -m magicfuse.tracking end
+	$(BIN)/dvc metrics show
 
 test: setup
 	$(BIN)/python -m pytest -q

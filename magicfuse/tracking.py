@@ -594,3 +594,31 @@ def load_model(uri: str) -> Any:
     except Exception as exc:  # MlflowException, missing artifacts...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"cannot load MLflow model {uri!r}: {first}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m magicfuse.tracking start|end [--status S]`: open a fresh pipeline run
+    before `dvc repro` (its stage runs nest under it) and close it afterwards."""
+    import argparse
+
+    from magicfuse.config import load_params
+
+    ap = argparse.ArgumentParser(prog="python -m magicfuse.tracking", description=main.__doc__)
+    ap.add_argument("action", choices=("start", "end"))
+    ap.add_argument("--status", default="FINISHED", choices=("FINISHED", "FAILED", "KILLED"))
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    if args.action == "start":
+        params = load_params(args.params)
+        experiment = str(params.get("tracking", {}).get("experiment", DEFAULT_EXPERIMENT))
+        run_id = start_pipeline_run("pipeline", tags={"magicfuse.orchestrator": "dvc",
+                                                      "magicfuse.profile": str(params.get("profile", "tiny"))},
+                                    experiment=experiment)
+        print(f"MLflow pipeline run {run_id} (experiment {experiment!r})")
+    else:
+        end_pipeline_run(args.status)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
