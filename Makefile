@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup run test test-all bench ui clean-outputs
+.PHONY: setup run test test-slow bench ui
 
 setup: $(STAMP)
 
@@ -41,14 +41,16 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# Slow tests too (compile, longer training checks).
-test-all: setup
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+# The slow tests only (end-to-end Prefect flow, torch.compile, 4K tiling, longer training).
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 bench: setup
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_sampler.py
 	$(BIN)/python benchmarks/bench_metrics.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_fuse.py
 
 ui: setup
 	$(BIN)/mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts

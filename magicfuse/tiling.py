@@ -456,17 +456,7 @@ class TiledAutoEncoder(nn.Module):
         H, W = x.shape[-2:]
         if H <= self.tile and W <= self.tile:
             return ae.encode(x, noise, generator, noise_scale=noise_scale)
-        shape = ae.noise_shape(x)
-        if noise is None:
-            scale = ae.config.noise_scale if noise_scale is None else float(noise_scale)
-            if scale == 0.0:
-                noise = torch.zeros(shape, device=x.device, dtype=x.dtype)
-            else:
-                gdev = generator.device if generator is not None else x.device
-                noise = torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32)
-                noise = (noise * scale).to(device=x.device, dtype=x.dtype)
-        elif tuple(noise.shape) != shape:
-            raise DataError(f"TiledAutoEncoder.encode: noise must have shape {shape}, got {tuple(noise.shape)}")
+        noise = ae.make_noise(x, noise, generator, noise_scale, where="TiledAutoEncoder.encode")
         ph, pw = self._proxy_size(H, W)
         px = F.interpolate(x, size=(ph, pw), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
         pn = F.interpolate(noise, size=(ph // d, pw // d), mode="nearest")

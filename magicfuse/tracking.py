@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from magicfuse.errors import MagicFuseError
-from magicfuse.io import write_json_atomic
+from magicfuse.io import sha256_file, write_json_atomic
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -490,14 +490,6 @@ def _log_pyfunc(python_model: Any, artifacts: dict[str, str], *, registered_name
     return client.get_model_version(registered_name, version)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _existing(path: str | Path, what: str) -> Path:
@@ -536,7 +528,7 @@ def log_pipeline_model(checkpoint_path: str | Path, *, registered_name: str = "m
     probe = MagicFusePyfunc()
     probe.load_context(PythonModelContext(artifacts={PIPELINE_ARTIFACT: str(ckpt)}, model_config={}))
     example_out = probe.predict(None, example_in, example_params)
-    all_tags = {"magicfuse.kind": "pipeline", "magicfuse.checkpoint_sha256": _sha256(ckpt),
+    all_tags = {"magicfuse.kind": "pipeline", "magicfuse.checkpoint_sha256": sha256_file(ckpt),
                 "magicfuse.sampler": json.dumps(sampler, sort_keys=True, default=str), **(tags or {})}
     return _log_pyfunc(MagicFusePyfunc(), {PIPELINE_ARTIFACT: str(ckpt)}, registered_name=registered_name,
                        example_in=example_in, example_out=example_out, params=params,
@@ -576,7 +568,7 @@ def log_component_model(kind: str, checkpoint_path: str | Path, ae_checkpoint: s
     # with `steps`, and MLflow re-runs the example when it validates the logged model.
     example_params = {**params, "steps": 1} if "steps" in params else dict(params)
     example_out = probe.predict(None, example_in, example_params)
-    all_tags = {"magicfuse.kind": kind, "magicfuse.checkpoint_sha256": _sha256(ckpt), **(tags or {})}
+    all_tags = {"magicfuse.kind": kind, "magicfuse.checkpoint_sha256": sha256_file(ckpt), **(tags or {})}
     name = registered_name or f"magicfuse-{kind}"
     return _log_pyfunc(model, artifacts, registered_name=name, example_in=example_in, example_out=example_out,
                        params=params, example_params=example_params, tags=all_tags, name=f"magicfuse-{kind}",

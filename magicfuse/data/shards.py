@@ -64,7 +64,7 @@ from magicfuse.config import from_mapping, to_dict
 from magicfuse.data.degrade import DegradationConfig, degrade_with_config
 from magicfuse.errors import ConfigError, DataError
 from magicfuse.imageio import encode_png
-from magicfuse.io import atomic_path, write_bytes_atomic, write_json_atomic
+from magicfuse.io import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
 
 __all__ = [
     "MEMBERS",
@@ -181,12 +181,6 @@ def _safe_key(source: str, key: str) -> str:
     return f"{_SAFE.sub('_', source)}-{_SAFE.sub('_', str(key))}"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -469,7 +463,7 @@ def write_shards(
             )
         for shard in prog["shards"]:
             path = split_dir / shard["name"]
-            if not path.is_file() or _sha256_file(path) != shard["sha256"]:
+            if not path.is_file() or sha256_file(path) != shard["sha256"]:
                 break
             kept.append(shard)
         if prog.get("complete") and len(kept) == len(prog["shards"]):
@@ -509,7 +503,7 @@ def write_shards(
         stack.close()
         stack = tar = None
         name = SHARD_PATTERN % shard_index
-        state["shards"].append({"name": name, "sha256": _sha256_file(split_dir / name), "rows": list(rows)})
+        state["shards"].append({"name": name, "sha256": sha256_file(split_dir / name), "rows": list(rows)})
         write_json_atomic(progress_path, state)
         shard_index += 1
         written += 1
@@ -578,7 +572,7 @@ def manifest_hash(out_dir: str | Path | Sequence[str | Path]) -> str:
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         raise DataError(f"{path}: shard manifest not found (run write_shards first)")
-    return _sha256_file(path)
+    return sha256_file(path)
 
 
 def list_shards(shards_dir: str | Path | Sequence[str | Path], split: str) -> list[Path]:
@@ -617,7 +611,7 @@ def verify_shards(shards_dir: str | Path, split: str) -> int:
         path = split_dir / shard["name"]
         if not path.is_file():
             raise DataError(f"{path}: shard listed in {PROGRESS_NAME} is missing")
-        if _sha256_file(path) != shard["sha256"]:
+        if sha256_file(path) != shard["sha256"]:
             raise DataError(f"{path}: sha256 differs from the one recorded when it was written (corrupt shard)")
         n += len(shard["rows"])
     return n

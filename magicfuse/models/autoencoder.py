@@ -147,18 +147,23 @@ class AutoEncoder(nn.Module):
         (default: the config's; 0 gives a deterministic, noise-free encoding).
         """
         self._check_image(x)
+        return self.encoder(x, self.make_noise(x, noise, generator, noise_scale)) * 2.0 - 1.0
+
+    def make_noise(self, x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None,
+                   noise_scale: float | None = None, *, where: str = "AutoEncoder.encode") -> Tensor:
+        """The encoder's injected noise for image batch `x`: `noise` checked against
+        `noise_shape(x)`, or drawn from `generator` and scaled (zeros when the scale is 0)."""
         shape = self.noise_shape(x)
         if noise is None:
             scale = self.config.noise_scale if noise_scale is None else float(noise_scale)
             if scale == 0.0:
-                noise = torch.zeros(shape, device=x.device, dtype=x.dtype)
-            else:
-                gdev = generator.device if generator is not None else x.device
-                noise = torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32)
-                noise = (noise * scale).to(device=x.device, dtype=x.dtype)
-        elif tuple(noise.shape) != shape:
-            raise DataError(f"AutoEncoder.encode: noise must have shape {shape}, got {tuple(noise.shape)}")
-        return self.encoder(x, noise) * 2.0 - 1.0
+                return torch.zeros(shape, device=x.device, dtype=x.dtype)
+            gdev = generator.device if generator is not None else x.device
+            noise = torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32)
+            return (noise * scale).to(device=x.device, dtype=x.dtype)
+        if tuple(noise.shape) != shape:
+            raise DataError(f"{where}: noise must have shape {shape}, got {tuple(noise.shape)}")
+        return noise
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent (B,8,h,w) in [-1,1] -> image (B,3,4h,4w) in [0,1] (latent clamped to [-1,1])."""
