@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=None, help="default 256 (paper) / 64 (tiny)")
     ap.add_argument("--batch", type=int, default=None, help="default: Table 1 (paper) / 8 (tiny)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (default fp32)")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     ap.add_argument("--scenes", type=int, default=48)
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--degradations", default=None,
@@ -64,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
 
     crop = args.crop or (256 if args.preset == "paper" else 64)
-    size = (480, 640) if crop > 96 else (96, 128)
+    size = (crop, crop * 5 // 4) if crop > 96 else (96, 128)  # scenes just big enough for the crop
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -82,7 +83,8 @@ def main() -> None:
             batch = args.batch or (BATCH[branch] if args.preset == "paper" else 8)
             cfg = LDMTrainConfig(model=f"{branch}-{args.preset}", steps=args.steps, batch_size=batch, crop=crop,
                                  log_every=args.log_every, ckpt_every=args.steps, eval_samples=0,
-                                 amp=args.amp, device=device, progress=False, num_workers=2)
+                                 amp=args.amp, device=device, progress=False, num_workers=args.workers,
+                                 ema_decay=0.0)  # no EMA copy: keeps the final checkpoint small
             res = train_ldm(cfg, branch=branch, ae_checkpoint=ae_path, shards_dir=shards,
                             out_dir=tmp / f"out-{branch}")
             windows = [h["images_per_s"] for h in res.history][1:] or [res.images_per_s]
