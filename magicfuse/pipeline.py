@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from magicfuse.config import ConfigError, from_mapping, load_params, section, to_dict
+from magicfuse.io import write_json_atomic
 
 __all__ = [
     "ARTIFACTS", "REPORTS", "STAGES", "load_params", "synthesize", "shards", "train_ae", "train_ldm",
@@ -194,16 +195,30 @@ def evaluate(params: Mapping[str, Any]) -> dict[str, Any]:
     with _stage_run(params, "evaluate", {"evaluate": to_dict(cfg)}) as run:
         result = run_evaluation(cfg, pipeline_checkpoint=pipeline_ckpt, shards_dir=_one_shards_dir(params),
                                 out_dir=out_dir)
-        # DVC metrics and plots sit beside the report folder (they may not live inside an output).
-        for name in ("metrics.json", "tau_curve.csv"):
-            if (out_dir / name).exists():
-                shutil.copyfile(out_dir / name, reports / name)
+        # DVC metrics and plots sit beside the report folder (they may not live inside an output);
+        # the DVC metrics file is the headline summary, the full tables stay in report/metrics.json.
+        write_json_atomic(reports / "metrics.json", headline_metrics(result["metrics"]))
+        if (out_dir / "tau_curve.csv").exists():
+            shutil.copyfile(out_dir / "tau_curve.csv", reports / "tau_curve.csv")
         tracking.log_metrics(result["metrics"], prefix="eval.")
         tracking.log_artifacts([out_dir], artifact_path="report")
         decision = _register_pipeline(params, pipeline_ckpt, eval_run_id=run.info.run_id)
     if decision is not None:
         result["promotion"] = decision
     return result
+
+
+HEADLINE_VISUAL = ("EN", "SSIM", "MI", "Qabf", "PSNR")  # the metrics of the paper's Tables 2 and 4
+
+
+def headline_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation's headline numbers for `dvc metrics show`: promotion score, CKG
+    infrared check, the paper's visual metrics per row and mIoU per image set."""
+    visual = {row: {k: vals[k] for k in HEADLINE_VISUAL if k in vals}
+              for row, vals in metrics.get("visual", {}).items()}
+    miou = {row: vals["mIoU"] for row, vals in metrics.get("semantic", {}).items() if "mIoU" in vals}
+    return {"promotion_score": metrics.get("promotion_score"), "ckg_infrared": metrics.get("ckg_infrared", {}),
+            "visual": visual, "mIoU": miou}
 
 
 def run_stage(name: str, params: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
