@@ -118,29 +118,7 @@ def test_flow_parameters_reject_unknown_keys():
 
 # ----------------------------------------------------------------------------- end to end
 
-
-def sqlite_store(root: Path, config) -> str:
-    """URI of a fresh, empty sqlite tracking store in `root`.
-
-    Creating MLflow's tables takes ~10 s, so the first empty store is kept in pytest's
-    cache (per MLflow version) and copied afterwards.
-    """
-    import shutil
-
-    import mlflow
-
-    db = root / "mlflow.db"
-    cache = getattr(config, "cache", None)
-    template = cache.mkdir(f"mlflow-{mlflow.__version__}-empty-store") / "mlflow.db" if cache else None
-    if template is not None and template.is_file():
-        shutil.copyfile(template, db)
-    else:
-        mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # creates the tables
-        if template is not None:
-            tmp = template.with_suffix(f".{os.getpid()}.tmp")
-            shutil.copyfile(db, tmp)
-            os.replace(tmp, template)
-    return f"sqlite:///{db}"
+from conftest import sqlite_store  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -21,29 +21,9 @@ from magicfuse.errors import CheckpointError, ConfigError, DataError  # noqa: E4
 from magicfuse.models import build_model  # noqa: E402
 from magicfuse.training.ldm import sample_branch  # noqa: E402
 
+from conftest import sqlite_store  # noqa: E402
+
 SAMPLER = {"steps": 2, "tau": 0.4, "thermal_classes": [1, 2]}
-
-
-def sqlite_store(root: Path, config) -> str:
-    """URI of a fresh, empty sqlite tracking store in `root`.
-
-    Creating MLflow's tables takes ~10 s, so the first empty store is kept in pytest's
-    cache (per MLflow version) and copied afterwards.
-    """
-    import shutil
-
-    db = root / "mlflow.db"
-    cache = getattr(config, "cache", None)
-    template = cache.mkdir(f"mlflow-{mlflow.__version__}-empty-store") / "mlflow.db" if cache else None
-    if template is not None and template.is_file():
-        shutil.copyfile(template, db)
-    else:
-        mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # creates the tables
-        if template is not None:
-            tmp = template.with_suffix(f".{os.getpid()}.tmp")
-            shutil.copyfile(db, tmp)
-            os.replace(tmp, template)
-    return f"sqlite:///{db}"
 
 
 @pytest.fixture(scope="module")

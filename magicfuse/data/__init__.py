@@ -1,0 +1,1 @@
+"""Data layer: synthetic scenes, degradations, dataset readers, shards and the loader."""

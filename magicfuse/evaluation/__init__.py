@@ -1,0 +1,1 @@
+"""Evaluation: fusion metrics, semantic protocols, baselines, ablations and reports."""
