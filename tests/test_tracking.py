@@ -6,7 +6,6 @@ is a real tiny random-weight network saved with magicfuse.checkpoint.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
