@@ -25,18 +25,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from _common import parse_size  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 640x480, got {text!r}") from None
-    return w, h
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +44,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the shards written")
     p.add_argument("--json", default=None, help="also write the results as JSON to this file")
     a = p.parse_args(argv)
-    a.sizes = [_parse_size(s) for s in a.sizes.split(",") if s]
+    a.sizes = [parse_size(s) for s in a.sizes.split(",") if s]
     a.workers = [int(w) for w in a.workers.split(",") if w]
     if a.n < 1:
         p.error("--n must be >= 1")

@@ -25,20 +25,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from _common import parse_size  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 OFFICIAL_AE = REPO / ".." / "shared" / "weights" / "official_ae.pth"
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 640x480, got {text!r}") from None
-    return w, h
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -174,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    sizes = [_parse_size(s) for s in a.sizes.split(",")]
+    sizes = [parse_size(s) for s in a.sizes.split(",")]
     batches = [int(b) for b in a.batches.split(",")]
     modes = a.modes.split(",")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
