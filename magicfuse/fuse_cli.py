@@ -345,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
         if args.tau is not None and not 0.0 <= args.tau <= 1.0:
             raise FatalError(f"--tau must be in [0, 1], got {args.tau}")
         if args.tile is not None and args.tile < 0:
-            raise FatalError(f"--tile must be >= 0 (0 = never tile), got {args.tile}")
+            raise FatalError(f"--tile must be >= 0 (0 = never window or tile), got {args.tile}")
         items, failed = collect_inputs(args.inputs, recursive=args.recursive)
         for it in failed:
             say(f"magicfuse fuse: {it.path}: {it.reason}")
@@ -389,7 +389,9 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--max-pixels", type=_parse_pixels, default=DEFAULT_MAX_PIXELS,
                    help=f"reject images with more pixels (default {DEFAULT_MAX_PIXELS:.0e})")
     p.add_argument("--tile", type=int, default=None,
-                   help="latent tile size for big images (default: automatic; 0 = never tile)")
+                   help="attention window size in latent pixels, used for every image (default: automatic — "
+                        "global attention up to 32,768 latent pixels on a GPU, 4,096 on the CPU, windows of 64 "
+                        "above; networks and autoencoder tiled only beyond 16.8 MP); 0 = never window or tile")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -36,8 +36,10 @@ Precision: on CUDA the networks run under bf16 autocast (``amp="auto"`` or ``"bf
 ``"fp32"`` turns it off) and can be ``torch.compile``d (``compile=True``); on the CPU
 everything is float32. The latent arithmetic of the sampler is float32 everywhere.
 
-Big images: see :mod:`magicfuse.tiling` — ``tile`` (a :class:`TilingBudget`, a latent
-tile size, 0 = never, or "auto") bounds the memory.
+Big images: see :mod:`magicfuse.tiling` — ``tile`` ("auto": the device's
+:class:`TilingBudget`; an integer: always window attention with that many latent pixels per
+window side; 0: never window or tile; or a :class:`TilingBudget`) decides when attention runs
+over windows and when the networks run on tiles (bounded memory).
 """
 
 from __future__ import annotations
@@ -116,17 +118,21 @@ def to_image_tensor(image: Any, *, name: str = "image") -> torch.Tensor:
         image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         arr = image
+        if arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
+            raise DataError(f"{name}: expected a uint8 or float array, got dtype {arr.dtype}")
         if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
             arr = arr[..., :3] if arr.shape[2] >= 3 else arr
-            t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
-        elif arr.ndim == 2:
-            t = torch.from_numpy(np.ascontiguousarray(arr))[None]
-        else:
+        elif arr.ndim != 2:
             raise DataError(f"{name}: expected an array H×W, H×W×1, H×W×3 or H×W×4, got shape {arr.shape}")
+        if arr.dtype != np.uint8 and arr.dtype != np.float32:
+            arr = arr.astype(np.float32)  # float16/64/128 alike (torch has no float128)
+        arr = np.ascontiguousarray(arr)
+        if not arr.flags.writeable:  # torch.from_numpy warns on read-only arrays (e.g. np.asarray(PIL image))
+            arr = arr.copy()
+        t = torch.from_numpy(arr)
+        t = t.permute(2, 0, 1) if t.ndim == 3 else t[None]
         if arr.dtype == np.uint8:
             t = t.float() / 255.0
-        elif arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.floating)):
-            raise DataError(f"{name}: expected a uint8 or float array, got dtype {arr.dtype}")
     elif isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if t.ndim == 2:
@@ -328,7 +334,8 @@ class MagicFuse:
             return TilingBudget.for_device(self.device)
         if isinstance(tile, (int, np.integer)) and not isinstance(tile, bool):
             return TilingBudget.forced(int(tile))
-        raise DataError(f"tile must be 'auto', an integer latent tile size (0 = never) or a TilingBudget, got {tile!r}")
+        raise DataError(f"tile must be 'auto', an integer attention window size (0 = never) or a TilingBudget, "
+                        f"got {tile!r}")
 
     def nets_for(self, hw: tuple[int, int], tile: Any = None):
         from magicfuse.tiling import wrap_for_tiling

@@ -1,46 +1,53 @@
-"""Bounded-memory sampling of big images: tiled networks with overlap and smooth blending.
+"""Big images: windowed attention, and tiled networks with overlap and smooth blending.
 
-The sampler (``magicfuse.diffusion.sampler``) stays the only loop. Tiling is done by
-``nn.Module`` wrappers with the wrapped network's interface, so ``magicfuse_sample``
-runs unchanged on them:
+The sampler (``magicfuse.diffusion.sampler``) stays the only loop. Big images are handled
+by ``nn.Module`` wrappers with the wrapped network's interface, so ``magicfuse_sample``
+runs unchanged on them. :func:`wrap_for_tiling` picks, from the padded latent size and a
+:class:`TilingBudget`, one of three regimes for the latent networks (IKR, CKG, fusion):
 
-* :class:`TiledDenoiser` — ``forward(z_t, t, cond)``: the UNet runs on overlapping
-  latent tiles; the ε predictions are blended.
-* :class:`TiledFusion` — ``forward(ẑ0^ψ, ẑ0^φ, z^f, ε^ψ, ε^φ, t, seg_state)``: the fusion
-  network runs per tile (its full-resolution self-attention then sees one tile, which is
-  what bounds memory: attention costs (h·w)²); every per-pixel output (``w``,
-  ``seg_logits`` = the next ``seg_state``) is blended. ``zeta`` (the attention features)
-  stays per tile and is not returned (an empty list): the sampler does not use it.
-* :class:`TiledAutoEncoder` — ``encode``/``decode`` on overlapping image-space tiles,
-  each computed with a ``halo`` of context (64 px ≥ the decoder's ≈50 px receptive
-  field) and blended in latent/image space. The autoencoder normalises with
-  InstanceNorm, whose statistics would otherwise differ from tile to tile, so they are
-  fixed first: the network runs once on a downscaled proxy of the whole input (longest
-  side ``proxy`` pixels) and every InstanceNorm records its per-sample, per-channel mean
-  and variance; ``stat_passes`` further tiled passes then replace them by the exact
-  whole-image statistics one layer at a time (pass k makes the first k norm layers
-  exact; 22 encoder / 18 decoder norm layers make the result equal to the untiled one,
-  checked in the tests, at that many times the cost). The encoder's noise is sliced per
-  tile from the full-size noise tensor. **Caveat:** this autoencoder is very sensitive
-  to its norm statistics — with proxy statistics alone (256 px, no extra passes) the
-  official AE decodes a 640×480 frame with a mean error of ≈18/255 — so the default
-  budget keeps the AE untiled up to 16.8 MP (4096²; a 4K frame runs untiled, memory
-  linear in pixels) and uses the tiled AE only beyond that.
+1. **whole** (latent maps up to ``max_attention_tokens`` positions, e.g. 640×480 on a
+   GPU): the networks as they are, global attention as in the paper.
+2. **windowed attention** (up to ``max_latent_pixels``): :class:`WindowedAttention`
+   runs the networks on the whole latent, but every attention map bigger than
+   ``max_attention_tokens`` is computed over overlapping ``tile``×``tile`` windows
+   (``overlap``, ``halo`` of key context) and blended
+   (:mod:`magicfuse.models.attention`). Convolutions and GroupNorm statistics stay exact,
+   so this is close to the untiled result (tiny random-weight nets, 256×320, window 32:
+   mean |Δ| 0.09/255) while attention costs grow linearly with the image; memory grows
+   linearly with the number of pixels.
+3. **tiled networks** (beyond ``max_latent_pixels``; bounded memory for any size):
+   :class:`TiledDenoiser` — ``forward(z_t, t, cond)``: the UNet runs on overlapping
+   ``net_tile`` latent tiles with ``net_halo`` context and the ε predictions are blended;
+   :class:`TiledFusion` — the fusion network runs per tile and every per-pixel output
+   (``w``, ``seg_logits`` = the next ``seg_state``) is blended; ``zeta`` (the attention
+   features) stays per tile and is not returned (an empty list): the sampler does not use
+   it. Attention inside a tile is windowed as in 2. GroupNorm statistics and the
+   receptive field are per tile here (the MultiDiffusion approximation, harmonised at
+   every DDIM step by the blending), a much larger change than 2. (same test, tile 32:
+   mean |Δ| 11.6/255), which is why this is only the fallback for huge images.
 
-Blending: tiles are ``tile`` wide with ``overlap`` between neighbours (the last tile of
-a row/column is aligned with the far border, so every tile has the full size). Each tile
-contributes with a separable raised-cosine weight that rises from ~0 at an inner tile
-edge to 1 over ``overlap`` pixels (borders of the image get weight 1); the outputs are
-the weighted mean. Overlap regions therefore fade from one tile to the next instead of
-showing a seam.
+The autoencoder: :class:`TiledAutoEncoder` — ``encode``/``decode`` on overlapping
+image-space tiles, each computed with a ``halo`` of context (64 px ≥ the decoder's
+≈50 px receptive field) and blended in latent/image space. The autoencoder normalises with
+InstanceNorm, whose statistics would otherwise differ from tile to tile, so they are
+fixed first: the network runs once on a downscaled proxy of the whole input (longest side
+``proxy`` pixels) and every InstanceNorm records its per-sample, per-channel mean and
+variance; ``stat_passes`` further tiled passes then replace them by the exact whole-image
+statistics one layer at a time (pass k makes the first k norm layers exact; 22 encoder /
+18 decoder norm layers make the result equal to the untiled one, checked in the tests, at
+that many times the cost). The encoder's noise is sliced per tile from the full-size noise
+tensor. **Caveat:** this autoencoder is very sensitive to its norm statistics — with proxy
+statistics alone (256 px, no extra passes) the official AE decodes a 640×480 frame with a
+mean error of ≈18/255 — so the default budget keeps the AE untiled up to 16.8 MP (4096²;
+a 4K frame runs untiled, memory linear in pixels) and uses the tiled AE only beyond that.
 
-Differences from an untiled run are the price of bounded memory: the denoisers' and the
-fusion network's GroupNorm statistics and attention context are per tile (the
-MultiDiffusion approximation, harmonised at every DDIM step by the blending), and the
-autoencoder's norm statistics come from the proxy. ``tests/test_inference.py`` bounds
-the difference on a smooth image.
-
-:func:`wrap_for_tiling` decides from the padded size and a :class:`TilingBudget`.
+Blending (windows and tiles alike): cores are ``tile`` wide with ``overlap`` between
+neighbours (the last core of a row/column is aligned with the far border, so every core
+has the full size). Each core contributes with a separable raised-cosine weight that rises
+from ~0 at an inner edge to 1 over ``overlap`` pixels (borders of the image get weight 1);
+the outputs are the weighted mean. Overlap regions therefore fade from one tile to the
+next instead of showing a seam. ``tests/test_inference.py`` bounds the differences from an
+untiled run on a smooth image for regimes 2 and 3.
 """
 
 from __future__ import annotations
@@ -56,15 +63,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magicfuse.errors import ConfigError, DataError
+from magicfuse.models.attention import AttentionWindow
 
 LATENT_DOWNSCALE = 4
 
 __all__ = [
     "TilingBudget",
+    "WindowedAttention",
     "TiledDenoiser",
     "TiledFusion",
     "TiledAutoEncoder",
     "tile_starts",
+    "tile_windows",
     "blend_weight_1d",
     "wrap_for_tiling",
     "needs_tiling",
@@ -76,61 +86,77 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TilingBudget:
-    """When and how to tile.
+    """When and how to window attention and tile networks (see the module docstring).
 
-    ``max_latent_pixels``: the denoisers and the fusion network run untiled while the
-    padded latent has at most this many pixels (h·w); above it they run on ``tile``×``tile``
-    latent tiles with ``overlap`` latent pixels of overlap. The default 32,768 keeps
-    640×480 (19,200) untiled, as in the paper, and tiles 2048×1024 (131,072).
-    ``max_image_pixels``: the autoencoder runs untiled up to this many (padded) image
-    pixels, else on ``ae_tile``-pixel image tiles with ``ae_overlap`` overlap, with norm
-    statistics from a ``proxy``-pixel (longest side) downscaled copy.
-    ``tile_batch``: tiles processed together in one network call (more = faster on a
-    GPU, more memory).
+    Attention (all sizes in positions of the attention map, i.e. latent pixels for the
+    fusion network, latent/4 and latent/8 for the UNets' attention levels): global while a
+    map has at most ``max_attention_tokens`` positions, else over ``tile``×``tile`` windows
+    overlapping by ``overlap`` with ``halo`` positions of key context, ``window_batch``
+    windows per attention call. The default 32,768 keeps 640×480 (19,200 latent pixels)
+    global, as in the paper.
+
+    Networks: the latent networks run on the whole latent while it has at most
+    ``max_latent_pixels`` pixels (default 1,048,576 = a 4096×4096 image), else on
+    ``net_tile`` latent tiles with ``net_overlap`` overlap and ``net_halo`` context,
+    ``tile_batch`` tiles per call.
+
+    Autoencoder: untiled up to ``max_image_pixels`` (padded) image pixels, else on
+    ``ae_tile``-pixel image tiles with ``ae_overlap`` overlap and ``ae_halo`` context, with
+    norm statistics from a ``proxy``-pixel (longest side) downscaled copy.
     """
 
-    max_latent_pixels: int = 32_768
+    max_attention_tokens: int = 32_768
     tile: int = 64
     overlap: int = 16
-    halo: int = 8
+    halo: int = 16
+    window_batch: int = 16
+    max_latent_pixels: int = 1_048_576
+    net_tile: int = 256
+    net_overlap: int = 32
+    net_halo: int = 32
+    tile_batch: int = 1
     max_image_pixels: int = 16_777_216
     ae_tile: int = 512
     ae_overlap: int = 64
     ae_halo: int = 64
     proxy: int = 512
-    tile_batch: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("tile", "ae_tile", "proxy", "tile_batch"):
+        for name in ("tile", "net_tile", "ae_tile", "proxy", "tile_batch", "window_batch"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"TilingBudget.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("overlap", "halo", "ae_overlap", "ae_halo", "max_latent_pixels", "max_image_pixels"):
+        for name in ("overlap", "halo", "net_overlap", "net_halo", "ae_overlap", "ae_halo", "max_attention_tokens",
+                     "max_latent_pixels", "max_image_pixels"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"TilingBudget.{name} must be >= 0, got {getattr(self, name)}")
-        if self.overlap >= self.tile:
-            raise ConfigError(f"TilingBudget: overlap ({self.overlap}) must be smaller than tile ({self.tile})")
-        if self.ae_overlap >= self.ae_tile:
-            raise ConfigError(f"TilingBudget: ae_overlap ({self.ae_overlap}) must be smaller than ae_tile ({self.ae_tile})")
+        for ov, tl in (("overlap", "tile"), ("net_overlap", "net_tile"), ("ae_overlap", "ae_tile")):
+            if getattr(self, ov) >= getattr(self, tl):
+                raise ConfigError(f"TilingBudget: {ov} ({getattr(self, ov)}) must be smaller than {tl} "
+                                  f"({getattr(self, tl)})")
+
+    @property
+    def window(self) -> AttentionWindow:
+        return AttentionWindow(self.max_attention_tokens, self.tile, self.overlap, self.halo, self.window_batch)
 
     @classmethod
     def for_device(cls, device: str | torch.device) -> "TilingBudget":
-        """Default budget: on CPU the fusion network's attention (quadratic in h·w) makes
-        big untiled latents slow, so CPU tiles above 64×64 latent pixels (256×256 images)."""
+        """Default budget: on CPU global attention over more than 64×64 positions is slow
+        (quadratic), so CPU windows attention above 4,096 positions (e.g. the fusion network
+        at 256×256 images and up) with windows of 64 and no halo."""
         if torch.device(device).type == "cpu":
-            return cls(max_latent_pixels=4096, tile=64, overlap=16)
+            return cls(max_attention_tokens=4096, tile=64, overlap=16, halo=0)
         return cls()
 
     @classmethod
     def forced(cls, tile: int, overlap: int | None = None, **kw) -> "TilingBudget":
-        """Always tile the latent networks with ``tile`` latent pixels (overlap and halo
-        default to tile/4; the autoencoder tiles above 4·tile image pixels);
-        ``tile <= 0`` never tiles."""
+        """Always window attention with ``tile``×``tile`` windows (overlap and halo default
+        to tile/4; networks and autoencoder are tiled at the default budgets);
+        ``tile <= 0`` never windows or tiles anything."""
         if tile <= 0:
-            return cls(max_latent_pixels=1 << 62, max_image_pixels=1 << 62, **kw)
+            never = 1 << 62
+            return cls(max_attention_tokens=never, max_latent_pixels=never, max_image_pixels=never, **kw)
         ov = min(overlap if overlap is not None else max(tile // 4, 1), tile - 1)
-        ae_tile = max(4 * tile, 64)
-        args = dict(max_latent_pixels=0, tile=tile, overlap=ov, halo=ov,
-                    max_image_pixels=ae_tile * ae_tile, ae_tile=ae_tile, ae_overlap=min(max(4 * ov, 16), ae_tile - 4))
+        args = dict(max_attention_tokens=0, tile=tile, overlap=ov, halo=ov)
         args.update(kw)
         return cls(**args)
 
@@ -170,7 +196,7 @@ def blend_weight_1d(n: int, start: int, length: int, ramp: int, *, device=None) 
     return w
 
 
-def _windows(length: int, tile: int, overlap: int, halo: int) -> list[tuple[int, int, int, int, int, int]]:
+def tile_windows(length: int, tile: int, overlap: int, halo: int) -> list[tuple[int, int, int, int, int, int]]:
     """Per tile along one axis: (core start, core size, window start, window size,
     owned start, owned end).
 
@@ -216,7 +242,7 @@ def _blend(
     in_scales = list(in_scales or [1] * len(inputs))
     B = inputs[0].shape[0]
     H, W = inputs[0].shape[-2] // in_scales[0], inputs[0].shape[-1] // in_scales[0]
-    tiles = [(ry, rx) for ry in _windows(H, tile, overlap, halo) for rx in _windows(W, tile, overlap, halo)]
+    tiles = [(ry, rx) for ry in tile_windows(H, tile, overlap, halo) for rx in tile_windows(W, tile, overlap, halo)]
     so = out_scale
     Ho, Wo = H * so, W * so
     acc: list[Tensor | None] = []
@@ -274,6 +300,25 @@ def _check_tile(tile: int, overlap: int, multiple: int, what: str) -> tuple[int,
 
 
 # --------------------------------------------------------------------------- wrappers
+
+
+class WindowedAttention(nn.Module):
+    """A UNet or fusion network whose attention maps above ``window.max_tokens`` positions
+    are windowed (regime 2 of the module docstring); everything else runs on the whole
+    input. ``forward(*args)`` = ``net(*args, attn_window=window)``."""
+
+    def __init__(self, net: nn.Module, window: AttentionWindow):
+        super().__init__()
+        self.net = net
+        self.window = window
+        self.multiple = _multiple_of(net)
+        self.config = getattr(_unwrap(net), "config", None)
+
+    def required_multiple(self) -> int:
+        return self.multiple
+
+    def forward(self, *args):
+        return self.net(*args, attn_window=self.window)
 
 
 class TiledDenoiser(nn.Module):
@@ -506,36 +551,46 @@ class TiledAutoEncoder(nn.Module):
 # --------------------------------------------------------------------------- decision
 
 
-def needs_tiling(image_hw: tuple[int, int], budget: TilingBudget, multiple: int = 16) -> tuple[bool, bool]:
-    """(tile the latent networks?, tile the autoencoder?) for an image of ``image_hw``."""
+def needs_tiling(image_hw: tuple[int, int], budget: TilingBudget, multiple: int = 16) -> tuple[str, bool]:
+    """(regime of the latent networks — ``"whole"``, ``"windowed"`` or ``"tiled"`` —, tile the
+    autoencoder?) for an image of ``image_hw``."""
     H, W = _round_up(int(image_hw[0]), multiple), _round_up(int(image_hw[1]), multiple)
-    latent = (H // LATENT_DOWNSCALE) * (W // LATENT_DOWNSCALE)
-    return latent > budget.max_latent_pixels, H * W > budget.max_image_pixels
+    h, w = H // LATENT_DOWNSCALE, W // LATENT_DOWNSCALE
+    if h * w > budget.max_latent_pixels:
+        regime = "tiled"
+    elif budget.window.applies(h, w):
+        regime = "windowed"
+    else:
+        regime = "whole"
+    return regime, H * W > budget.max_image_pixels
 
 
 def wrap_for_tiling(nets, image_hw: tuple[int, int], budget: TilingBudget | None = None):
-    """``nets`` (a ``MagicFuseNets``) with tiled wrappers where ``image_hw`` exceeds ``budget``.
+    """``nets`` (a ``MagicFuseNets``) with windowed/tiled wrappers where ``image_hw`` exceeds
+    ``budget``.
 
-    Returns a new ``MagicFuseNets`` (the same object when nothing needs tiling); the
-    wrapped networks are shared, not copied.
+    Returns a new ``MagicFuseNets`` (the same object when nothing is needed); the wrapped
+    networks are shared, not copied.
     """
     from magicfuse.diffusion.sampler import required_multiple
 
     budget = budget or TilingBudget()
     mult = required_multiple(nets)
-    tile_latent, tile_ae = needs_tiling(image_hw, budget, mult)
-    if not (tile_latent or tile_ae):
+    regime, tile_ae = needs_tiling(image_hw, budget, mult)
+    if regime == "whole" and not tile_ae:
         return nets
     changes = {}
-    if tile_latent:
-        kw = dict(tile=budget.tile, overlap=budget.overlap, tile_batch=budget.tile_batch)
-        kw["halo"] = budget.halo
-        for name in ("ikr", "ckg"):
+    if regime != "whole":
+        kw = dict(tile=budget.net_tile, overlap=budget.net_overlap, halo=budget.net_halo, tile_batch=budget.tile_batch)
+        for name in ("ikr", "ckg", "fusion"):
             net = getattr(nets, name)
-            if net is not None and not isinstance(net, TiledDenoiser):
-                changes[name] = TiledDenoiser(net, **kw)
-        if nets.fusion is not None and not isinstance(nets.fusion, TiledFusion):
-            changes["fusion"] = TiledFusion(nets.fusion, **kw)
+            if net is None or isinstance(net, (WindowedAttention, TiledDenoiser, TiledFusion)):
+                continue
+            windowed = WindowedAttention(net, budget.window)
+            if regime == "windowed":
+                changes[name] = windowed
+            else:
+                changes[name] = (TiledFusion if name == "fusion" else TiledDenoiser)(windowed, **kw)
     if tile_ae and not isinstance(nets.ae, TiledAutoEncoder):
         changes["ae"] = TiledAutoEncoder(nets.ae, budget.ae_tile, budget.ae_overlap, halo=budget.ae_halo,
                                          proxy=budget.proxy)

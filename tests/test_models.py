@@ -217,7 +217,7 @@ def test_sdpa_attention_matches_explicit_softmax():
     q, k, v = (m(x).view(2, 10, 4, 4).transpose(1, 2) for m in (att.to_q, att.to_k, att.to_v))
     w = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
     ref = att.to_out((w @ v).transpose(1, 2).reshape(2, 10, 16))
-    assert torch.allclose(att(x), ref, atol=1e-5)
+    assert torch.allclose(att(x, (2, 5)), ref, atol=1e-5)
 
 
 def test_timestep_embeddings_known_values():

@@ -7,8 +7,9 @@ Parameter names and shapes equal the authors' MKF checkpoint. Data flow, per DDI
 * ``blocks[i]`` (5 in the paper): ``res1``, ``res2`` (time-conditioned residual blocks,
   GroupNorm + SiLU + conv, ``temb_proj``) → feature ζ_{2i}; ``mlp`` (1×1 convs
   width+16 → 2·width → width) re-injecting both predicted noises ``cat(x, ε^ψ, ε^φ)``;
-  ``att`` (GroupNorm, 1×1 q/k/v, full-resolution single-head self-attention,
-  1×1 ``proj_out``, residual) → feature ζ_{2i+1}.
+  ``att`` (GroupNorm, 1×1 q/k/v, full-resolution single-head self-attention — over
+  overlapping windows for big maps when ``attn_window`` is given, see
+  :mod:`magicfuse.models.attention` —, 1×1 ``proj_out``, residual) → feature ζ_{2i+1}.
 * ``normout`` (1×1 conv width → 8) then ``estimate`` (3×3 conv 24 → width, 3×3 conv
   width → 8, no activation in between) on ``cat(normout(x), ε^ψ, ε^φ)``: the
   per-channel, per-pixel weight **w** (not squashed by a sigmoid, as in the authors'
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from magicfuse.errors import ConfigError, DataError
+from magicfuse.models.attention import AttentionWindow, spatial_attention
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,11 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(ch, ch, 1)
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: AttentionWindow | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
         q, k, v = (m(y).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))
-        a = F.scaled_dot_product_attention(q, k, v)  # (B,1,hw,c), scale c^-1/2
+        a = spatial_attention(q, k, v, (h, w), window)  # (B,1,hw,c), scale c^-1/2
         a = a[:, 0].transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(a)
 
@@ -150,6 +152,8 @@ class FusionNet(nn.Module):
         eps_phi: torch.Tensor,
         t: torch.Tensor | int | float,
         seg_state: torch.Tensor | None,
+        *,
+        attn_window: AttentionWindow | None = None,
     ) -> FusionOutput:
         cfg = self.config
         shape = z_f.shape
@@ -177,7 +181,7 @@ class FusionNet(nn.Module):
         for block in self.blocks:
             x = block.res2(block.res1(x, temb), temb)
             zeta.append(x)
-            x = block.att(block.mlp(torch.cat([x, eps_psi, eps_phi], dim=1)))
+            x = block.att(block.mlp(torch.cat([x, eps_psi, eps_phi], dim=1)), attn_window)
             zeta.append(x)
         weight = self.estimate(torch.cat([self.normout(x), eps_psi, eps_phi], dim=1))
         if not cfg.seg_head:

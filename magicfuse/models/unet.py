@@ -17,7 +17,8 @@ authors' checkpoints (``time_embed``, ``input_blocks``, ``middle_block``,
 
 Input: ``cat(cond, z_t)`` (16 channels, condition FIRST as in the authors' code);
 output: predicted noise (8 channels). Attention runs through
-``torch.nn.functional.scaled_dot_product_attention``.
+``torch.nn.functional.scaled_dot_product_attention``, over overlapping windows for big
+maps when an ``attn_window`` is given (see :mod:`magicfuse.models.attention`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from magicfuse.models.attention import AttentionWindow, spatial_attention
 from magicfuse.errors import ConfigError, DataError
 
 
@@ -97,12 +99,11 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        ctx = x if context is None else context
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], window: AttentionWindow | None = None) -> torch.Tensor:
+        """Self-attention over the ``hw`` map whose positions are the tokens of ``x``."""
         b, n, _ = x.shape
-        q, k, v = (t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)
-                   for t in (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))
-        out = F.scaled_dot_product_attention(q, k, v)
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (self.to_q(x), self.to_k(x), self.to_v(x)))
+        out = spatial_attention(q, k, v, hw, window)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -136,9 +137,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x)) + x  # no text context: self-attention again
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], window: AttentionWindow | None = None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x), hw, window) + x
+        x = self.attn2(self.norm2(x), hw, window) + x  # no text context: self-attention again
         return self.ff(self.norm3(x)) + x
 
 
@@ -154,12 +155,12 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = _zero(nn.Conv2d(channels, channels, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: AttentionWindow | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.proj_in(self.norm(x))
         y = y.flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
-            y = block(y)
+            y = block(y, (h, w), window)
         y = y.transpose(1, 2).reshape(b, c, h, w)
         return self.proj_out(y) + x
 
@@ -187,21 +188,28 @@ class Upsample(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """Sequential that feeds the timestep embedding / target size to the layers that take them."""
+    """Sequential that feeds the timestep embedding / target size / attention window to the
+    layers that take them."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, size: tuple[int, int] | None = None,
+                window: AttentionWindow | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, Upsample):
                 x = layer(x, size)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, window)
             else:
                 x = layer(x)
         return x
 
 
 class ConditionalUNet(nn.Module):
-    """``forward(z_t, t, cond) -> eps``; z_t, cond ``(B,8,h,w)``, t ``(B,)`` (or a scalar)."""
+    """``forward(z_t, t, cond) -> eps``; z_t, cond ``(B,8,h,w)``, t ``(B,)`` (or a scalar).
+
+    ``attn_window`` (an :class:`~magicfuse.models.attention.AttentionWindow`) makes the
+    attention of maps bigger than its ``max_tokens`` windowed (big images)."""
 
     def __init__(self, cfg: UNetConfig | None = None):
         super().__init__()
@@ -252,7 +260,8 @@ class ConditionalUNet(nn.Module):
         self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(),
                                  _zero(nn.Conv2d(mc, cfg.latent_channels, 3, padding=1)))
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor | int | float, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor | int | float, cond: torch.Tensor, *,
+                attn_window: AttentionWindow | None = None) -> torch.Tensor:
         c = self.config.latent_channels
         if z_t.ndim != 4 or z_t.shape[1] != c or cond.shape != z_t.shape:
             raise DataError(
@@ -266,11 +275,11 @@ class ConditionalUNet(nn.Module):
         h = torch.cat([cond, z_t], dim=1)
         hs = []
         for module in self.input_blocks:
-            h = module(h, emb)
+            h = module(h, emb, None, attn_window)
             hs.append(h)
-        h = self.middle_block(h, emb)
+        h = self.middle_block(h, emb, None, attn_window)
         for module in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)
             size = tuple(hs[-1].shape[-2:]) if hs else None
-            h = module(h, emb, size)
+            h = module(h, emb, size, attn_window)
         return self.out(h)
