@@ -363,7 +363,7 @@ class MagicFuse:
     def run_batch(self, batch: torch.Tensor, seeds: Sequence[int], *, steps: int | None = None,
                   tau: float | None = None, outputs: Sequence[str] = OUTPUTS, tile: Any = None) -> list[FuseResult]:
         """One same-size batch (B,3,H,W) in [0,1] with one seed per image -> results."""
-        from magicfuse.diffusion.sampler import magicfuse_sample
+        from magicfuse.diffusion.sampler import DECODABLE, magicfuse_sample
         from magicfuse.evaluation.segmentation import colorize
 
         unknown = sorted(set(outputs) - set(OUTPUTS))
@@ -379,7 +379,8 @@ class MagicFuse:
         with torch.inference_mode(), amp:
             out = magicfuse_sample(nets, batch.to(self.device, torch.float32), steps=steps or self.steps,
                                    tau=self.tau if tau is None else float(tau), thermal_classes=self.thermal_classes,
-                                   variant=self.variant, noise=noise, seg_noise=seg_noise, ae_noise=ae_noise)
+                                   variant=self.variant, noise=noise, seg_noise=seg_noise, ae_noise=ae_noise,
+                                   decode=[o for o in outputs if o in DECODABLE])
 
         def u8(t: torch.Tensor | None) -> np.ndarray | None:
             if t is None:

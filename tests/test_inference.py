@@ -345,6 +345,19 @@ def test_wrap_for_tiling_picks_the_regime_by_size():
         TilingBudget(net_tile=32, net_overlap=32)
 
 
+@pytest.mark.slow
+def test_compiled_model_matches_eager_with_and_without_attention_windows(pipeline_path):
+    """--compile goes through WindowedAttention (the window is a keyword of the compiled
+    networks): same bytes as eager up to kernel rounding, with and without windows."""
+    img = _rgb(64, 96, seed=3)
+    eager = MagicFuse.from_pretrained(pipeline_path, device="cpu")
+    compiled = MagicFuse.from_pretrained(pipeline_path, device="cpu", compile=True)
+    for tile in (0, 8):
+        (a,) = eager.fuse(img, steps=2, tile=tile, outputs=("magimg",))
+        (b,) = compiled.fuse(img, steps=2, tile=tile, outputs=("magimg",))
+        assert np.abs(a.magimg.astype(int) - b.magimg.astype(int)).max() <= 1
+
+
 def test_fuse_with_tiling_runs_and_keeps_size(model):
     (r,) = model.fuse(_rgb(70, 90), tile=8, outputs=("magimg", "seg"))
     assert r.magimg.shape == (70, 90, 3) and r.seg.shape == (70, 90)

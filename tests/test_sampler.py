@@ -296,6 +296,19 @@ def test_autocast_bf16_cpu(nets, image, full):
     assert (out.magimg - full.magimg).abs().mean() < 0.05
 
 
+def test_decode_only_what_is_asked(nets, image, full):
+    only = magicfuse_sample(nets, image, steps=STEPS, generator=_gen(0), decode=["magimg"])
+    assert torch.equal(only.magimg, full.magimg) and only.ikr is None and only.ckg is None
+    ckg = magicfuse_sample(nets, image, steps=STEPS, generator=_gen(0), decode=("ckg",))
+    assert ckg.magimg is None and torch.equal(ckg.ckg_ir, full.ckg_ir)
+    m4 = magicfuse_sample(nets, image, steps=STEPS, generator=_gen(0), variant="model4", decode=["magimg"])
+    assert m4.magimg is not None and m4.ckg is None
+    none = magicfuse_sample(nets, image, steps=STEPS, generator=_gen(0), decode=False)
+    assert none.magimg is None and torch.equal(none.zhat["f"], full.zhat["f"])
+    with pytest.raises(ConfigError, match="decode"):
+        magicfuse_sample(nets, image, steps=STEPS, generator=_gen(0), decode=["seg"])
+
+
 @pytest.mark.slow
 def test_torch_compile_matches_eager(image, full):
     nets = _nets()

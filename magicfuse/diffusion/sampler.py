@@ -54,7 +54,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Collection, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,7 @@ from magicfuse.errors import ConfigError, DataError
 
 Variant = Literal["full", "model1", "model2", "model3", "model4"]
 VARIANTS: tuple[str, ...] = ("full", "model1", "model2", "model3", "model4")
+DECODABLE: tuple[str, ...] = ("magimg", "ikr", "ckg")  # images the sampler can decode
 LATENT_DOWNSCALE = 4
 
 
@@ -248,7 +249,7 @@ def magicfuse_sample(
     ae_noise: Tensor | None = None,
     stop_at: int | None = None,
     grad_step: int | None = None,
-    decode: bool = True,
+    decode: bool | Collection[str] = True,
     schedule: DDIMSchedule | None = None,
 ) -> SamplerOutput:
     """Run the joint MagicFuse sampler on a batch of degraded visible images.
@@ -258,11 +259,16 @@ def magicfuse_sample(
     encoder's noise) at the padded latent size; whatever is not given is drawn from
     ``generator`` in that order (z_T, encoder noise, segmentation noise).
     ``stop_at``/``grad_step``: indices into the list of ``steps`` DDIM steps (see
-    module docstring). ``decode=False`` skips decoding (image fields are None).
+    module docstring). ``decode``: True decodes all images, False none (image fields are
+    None), or a subset of ``("magimg", "ikr", "ckg")`` (each decode is a full autoencoder
+    pass, the most expensive part of a few-step run on big images).
     ``schedule`` overrides the default 1000-step schedule (its length wins over ``steps``).
     """
     if variant not in VARIANTS:
         raise ConfigError(f"magicfuse_sample: variant must be one of {list(VARIANTS)}, got {variant!r}")
+    want = set(DECODABLE) if decode is True else set() if decode is False else set(decode)
+    if want - set(DECODABLE):
+        raise ConfigError(f"magicfuse_sample: decode must be a bool or a subset of {list(DECODABLE)}, got {decode!r}")
     if not (isinstance(tau, (int, float)) and 0.0 <= float(tau) <= 1.0):
         raise ConfigError(f"magicfuse_sample: tau must be a number in [0, 1], got {tau!r}")
     uses_fusion = variant != "model4"
@@ -387,16 +393,14 @@ def magicfuse_sample(
             zhat["f"] = zhat["psi"]
 
         magimg = ikr_img = ckg_img = ckg_ir = None
-        if decode:
-            with torch.no_grad():
+        with torch.no_grad():
+            if "ikr" in want or (variant == "model4" and "magimg" in want):
                 ikr_img = nets.ae.decode(zhat["psi"]).float()[..., :H, :W]
-                if "phi" in zhat:
-                    ckg_img = nets.ae.decode(zhat["phi"]).float()[..., :H, :W]
-                    ckg_ir = ckg_img.mean(dim=1, keepdim=True)
-            if variant == "model4":
-                magimg = ikr_img
-            else:
-                magimg = nets.ae.decode(zhat["f"]).float()[..., :H, :W]
+            if "ckg" in want and "phi" in zhat:
+                ckg_img = nets.ae.decode(zhat["phi"]).float()[..., :H, :W]
+                ckg_ir = ckg_img.mean(dim=1, keepdim=True)
+        if "magimg" in want:
+            magimg = ikr_img if variant == "model4" else nets.ae.decode(zhat["f"]).float()[..., :H, :W]
 
         seg_up = seg = None
         if seg_logits is not None:
