@@ -3,18 +3,23 @@ the function the CLI runs).
 
 CPU (default): the tiny profile (random weights; real AE from ../shared/weights when
 present), 640×480 and 2048×1024 images (the real frames from
-../shared/data/magicfuse_official/inputs when present, else synthetic), automatic tiling.
+../shared/data/magicfuse_official/inputs when present, else synthetic), automatic attention
+windows / tiling (the device's budget, magicfuse.tiling.TilingBudget.for_device).
 Each configuration runs in a fresh subprocess so that its peak RSS is its own.
 
     .venv/bin/python benchmarks/bench_fuse.py [--steps 4] [--images 2]
+    .venv/bin/python benchmarks/bench_fuse.py --steps 25 --sizes 480x640 --tiles auto,0   # windows vs global
     .venv/bin/python benchmarks/bench_fuse.py --paper --device cuda   # paper nets, bf16 + compile, batch 1 and 4
 
-Prints a table: device, profile, size, batch, steps, images/s, s/image, peak memory.
+Prints a table: device, profile, size, tile setting, batch, steps, images/s, s/image, peak memory,
+and — when several ``--tiles`` are given — the mean / max absolute difference (grey levels) of each
+setting's MagImgs from the first setting's.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -86,7 +91,8 @@ def worker(cfg: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         _images(tmp / "in", tuple(cfg["size"]), cfg["images"] + cfg["warmup"])
-        model = MagicFuse.from_pretrained(cfg["model"], device=cfg["device"], compile=cfg["compile"])
+        tile = cfg["tile"] if cfg["tile"] == "auto" else int(cfg["tile"])
+        model = MagicFuse.from_pretrained(cfg["model"], device=cfg["device"], compile=cfg["compile"], tile=tile)
         items, _ = collect_inputs([str(tmp / "in")])
         if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -96,7 +102,7 @@ def worker(cfg: dict) -> dict:
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        s = fuse_files(model, items[cfg["warmup"]:], tmp / "out", steps=cfg["steps"], batch_size=cfg["batch"],
+        s = fuse_files(model, items[cfg["warmup"]:], Path(cfg["out"]), steps=cfg["steps"], batch_size=cfg["batch"],
                        progress=False, log=lambda m: print(m, file=sys.stderr))
         if model.device.type == "cuda":
             torch.cuda.synchronize()
@@ -126,6 +132,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--sizes", default=None, help="comma list HxW (default 480x640,1024x2048; paper: 480x640)")
     ap.add_argument("--batches", default=None, help="comma list (default 1; paper: 1,4)")
+    ap.add_argument("--tiles", default="auto",
+                    help="comma list of tile settings: auto (the device's budget), 0 (global attention, no "
+                         "tiling) or N (attention windows of N latent pixels); default auto")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -137,17 +146,23 @@ def main() -> None:
     sizes = args.sizes or ("480x640" if args.paper else "480x640,1024x2048")
     sizes = [tuple(int(v) for v in s.split("x")) for s in sizes.split(",")]
     batches = [int(b) for b in (args.batches or ("1,4" if args.paper else "1")).split(",")]
+    tiles = [t.strip() for t in args.tiles.split(",")]
+    for t in tiles:
+        if t != "auto" and not (t.isdigit()):
+            raise SystemExit(f"--tiles: {t!r} is not 'auto' or a non-negative integer")
     compile_ = args.paper and not args.no_compile
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / f"pipeline-{profile}.pt"
         _build_pipeline(model, profile)
-        for size in sizes:
-            for batch in batches:
+        for size, batch in itertools.product(sizes, batches):
+            first_out = None
+            for tile in tiles:
                 n = max(args.images, batch)
+                out = Path(tmp) / f"out-{size[0]}x{size[1]}-b{batch}-t{tile}"
                 cfg = {"model": str(model), "device": args.device, "size": size, "batch": batch, "steps": steps,
                        "images": n, "warmup": batch if (compile_ or args.device != "cpu") else 0,
-                       "compile": compile_, "threads": args.threads}
+                       "compile": compile_, "threads": args.threads, "tile": tile, "out": str(out)}
                 proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
                                       text=True)
                 line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -155,18 +170,36 @@ def main() -> None:
                     print(proc.stderr[-3000:], file=sys.stderr)
                     raise SystemExit(f"worker failed for {cfg}")
                 r = json.loads(line[7:])
-                rows.append((r["device"], profile, f"{size[1]}x{size[0]}", batch, steps, r["done"] / r["seconds"],
-                             r["seconds"] / max(r["done"], 1), r["rss_gib"], r["gpu_gib"], r["failed"]))
+                first_out = first_out or out
+                delta = _difference(first_out, out) if len(tiles) > 1 else None
+                rows.append((r["device"], profile, f"{size[1]}x{size[0]}", tile, batch, steps,
+                             r["done"] / r["seconds"], r["seconds"] / max(r["done"], 1), r["rss_gib"], r["gpu_gib"],
+                             r["failed"], delta))
                 print(f"... {rows[-1]}", file=sys.stderr)
     print(f"\nmagicfuse fuse benchmark — {rows[0][0]}; precision: "
           f"{'bf16 autocast' if args.device != 'cpu' else 'fp32'}{' + torch.compile' if compile_ else ''}; "
-          "automatic tiling")
-    print(f"| profile | size (W×H) | batch | steps | images/s | s/image | peak RSS GiB | peak GPU GiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for dev, prof, size, batch, st, ips, spi, rss, gpu, failed in rows:
+          "tile auto = the device's attention-window / tiling budget, 0 = global attention, untiled")
+    print(f"| profile | size (W×H) | tile | batch | steps | images/s | s/image | peak RSS GiB | peak GPU GiB "
+          f"| mean / max abs diff vs tile {tiles[0]} |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dev, prof, size, tile, batch, st, ips, spi, rss, gpu, failed, delta in rows:
         g = f"{gpu:.2f}" if gpu is not None else "–"
-        print(f"| {prof} | {size} | {batch} | {st} | {ips:.4f} | {spi:.2f} | {rss:.2f} | {g} |"
+        d = f"{delta[0]:.3f} / {delta[1]:.0f}" if delta is not None else "–"
+        print(f"| {prof} | {size} | {tile} | {batch} | {st} | {ips:.4f} | {spi:.2f} | {rss:.2f} | {g} | {d} |"
               + (f" ({failed} failed)" if failed else ""))
+
+
+def _difference(a: Path, b: Path) -> tuple[float, float]:
+    """Mean and max absolute difference (grey levels) between same-named MagImgs of two runs."""
+    import numpy as np
+
+    from magicfuse.imageio import read_image
+
+    names = sorted(p.name for p in a.glob("*_magimg.png"))
+    if not names:
+        return float("nan"), float("nan")
+    diffs = [np.abs(read_image(a / n).astype(np.int16) - read_image(b / n).astype(np.int16)) for n in names]
+    return float(np.mean([d.mean() for d in diffs])), float(max(d.max() for d in diffs))
 
 
 if __name__ == "__main__":
