@@ -350,6 +350,8 @@ def run(args: argparse.Namespace) -> int:
         for it in failed:
             say(f"magicfuse fuse: {it.path}: {it.reason}")
         _check_outdir(outdir)
+        if args.quiet:  # MLflow's own bar while it fetches a registered model's files
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         model = MagicFuse.from_pretrained(args.model, device=args.device, compile=args.compile,
                                           tile="auto" if args.tile is None else args.tile)
     except MagicFuseError as exc:
@@ -392,7 +394,7 @@ def add_cli(subparsers: Any) -> None:
                    help="attention window size in latent pixels, used for every image (default: automatic — "
                         "global attention up to 32,768 latent pixels on a GPU, 4,096 on the CPU, windows of 64 "
                         "above; networks and autoencoder tiled only beyond 16.8 MP); 0 = never window or tile")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
