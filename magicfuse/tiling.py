@@ -302,49 +302,60 @@ def _check_tile(tile: int, overlap: int, multiple: int, what: str) -> tuple[int,
 # --------------------------------------------------------------------------- wrappers
 
 
-class WindowedAttention(nn.Module):
-    """A UNet or fusion network whose attention maps above ``window.max_tokens`` positions
-    are windowed (regime 2 of the module docstring); everything else runs on the whole
-    input. ``forward(*args)`` = ``net(*args, attn_window=window)``."""
+class _Wrapper(nn.Module):
+    """What every wrapper exposes of the wrapped network: its size multiple and config."""
 
-    def __init__(self, net: nn.Module, window: AttentionWindow):
+    def __init__(self, net: nn.Module):
         super().__init__()
-        self.net = net
-        self.window = window
         self.multiple = _multiple_of(net)
         self.config = getattr(_unwrap(net), "config", None)
 
     def required_multiple(self) -> int:
         return self.multiple
 
+
+class _TiledNet(_Wrapper):
+    """A wrapper that runs its network on overlapping latent tiles: ``tile``, ``overlap`` and
+    ``halo`` (context added around each tile, default ``overlap``) are latent pixels,
+    rounded up to the network's size multiple; ``tile_batch`` tiles per call."""
+
+    def __init__(self, net: nn.Module, tile: int, overlap: int, halo: int | None, tile_batch: int):
+        super().__init__(net)
+        self.tile, self.overlap = _check_tile(tile, overlap, self.multiple, type(self).__name__)
+        self.halo = _round_up(max(int(self.overlap if halo is None else halo), 0), self.multiple)
+        self.tile_batch = int(tile_batch)
+
+    @staticmethod
+    def _timesteps(t: Tensor | int | float, like: Tensor) -> Tensor:
+        t = torch.as_tensor(t, device=like.device)
+        return t.expand(like.shape[0]) if t.ndim == 0 else t
+
+
+class WindowedAttention(_Wrapper):
+    """A UNet or fusion network whose attention maps above ``window.max_tokens`` positions
+    are windowed (regime 2 of the module docstring); everything else runs on the whole
+    input. ``forward(*args)`` = ``net(*args, attn_window=window)``."""
+
+    def __init__(self, net: nn.Module, window: AttentionWindow):
+        super().__init__(net)
+        self.net = net
+        self.window = window
+
     def forward(self, *args):
         return self.net(*args, attn_window=self.window)
 
 
-class TiledDenoiser(nn.Module):
-    """A conditional UNet run on overlapping latent tiles: ``forward(z_t, t, cond) -> eps``.
-
-    ``tile``, ``overlap`` and ``halo`` (context added around each tile, default
-    ``overlap``) are latent pixels, rounded up to the UNet's size multiple."""
+class TiledDenoiser(_TiledNet):
+    """A conditional UNet run on overlapping latent tiles: ``forward(z_t, t, cond) -> eps``
+    (tile geometry as in :class:`_TiledNet`)."""
 
     def __init__(self, unet: nn.Module, tile: int = 64, overlap: int = 16, *, halo: int | None = None,
                  tile_batch: int = 4):
-        super().__init__()
+        super().__init__(unet, tile, overlap, halo, tile_batch)
         self.unet = unet
-        self.multiple = _multiple_of(unet)
-        self.tile, self.overlap = _check_tile(tile, overlap, self.multiple, type(self).__name__)
-        self.halo = _round_up(max(int(self.overlap if halo is None else halo), 0), self.multiple)
-        self.tile_batch = int(tile_batch)
-        self.config = getattr(_unwrap(unet), "config", None)
-
-    def required_multiple(self) -> int:
-        return self.multiple
 
     def forward(self, z_t: Tensor, t: Tensor | int | float, cond: Tensor) -> Tensor:
-        b = z_t.shape[0]
-        t = torch.as_tensor(t, device=z_t.device)
-        if t.ndim == 0:
-            t = t.expand(b)
+        t = self._timesteps(t, z_t)
 
         def run(xs: list[Tensor], k: int) -> tuple[Tensor]:
             return (self.unet(xs[0], t.repeat(k), xs[1]),)
@@ -353,7 +364,7 @@ class TiledDenoiser(nn.Module):
                       tile_batch=self.tile_batch)[0]
 
 
-class TiledFusion(nn.Module):
+class TiledFusion(_TiledNet):
     """The fusion network (+ segmentation head) run on overlapping latent tiles.
 
     Returns a ``FusionOutput`` whose ``w`` and ``seg_logits`` (= ``seg_state``) are
@@ -361,25 +372,14 @@ class TiledFusion(nn.Module):
 
     def __init__(self, fusion: nn.Module, tile: int = 64, overlap: int = 16, *, halo: int | None = None,
                  tile_batch: int = 4):
-        super().__init__()
+        super().__init__(fusion, tile, overlap, halo, tile_batch)
         self.fusion = fusion
-        self.multiple = _multiple_of(fusion)
-        self.tile, self.overlap = _check_tile(tile, overlap, self.multiple, type(self).__name__)
-        self.halo = _round_up(max(int(self.overlap if halo is None else halo), 0), self.multiple)
-        self.tile_batch = int(tile_batch)
-        self.config = getattr(_unwrap(fusion), "config", None)
-
-    def required_multiple(self) -> int:
-        return self.multiple
 
     def forward(self, zhat_psi: Tensor, zhat_phi: Tensor, z_f: Tensor, eps_psi: Tensor, eps_phi: Tensor,
                 t: Tensor | int | float, seg_state: Tensor | None):
         from magicfuse.models.fusion import FusionOutput
 
-        b = z_f.shape[0]
-        t = torch.as_tensor(t, device=z_f.device)
-        if t.ndim == 0:
-            t = t.expand(b)
+        t = self._timesteps(t, z_f)
         has_state = seg_state is not None
         inputs = [zhat_psi, zhat_phi, z_f, eps_psi, eps_phi] + ([seg_state] if has_state else [])
 

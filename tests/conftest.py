@@ -55,3 +55,16 @@ def sqlite_store(root: Path, config) -> str:
             shutil.copyfile(db, tmp)
             os.replace(tmp, template)
     return f"sqlite:///{db}"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks gain nothing from threads, and OpenMP spinning on a shared 2-core
+    machine can make them 30x slower. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

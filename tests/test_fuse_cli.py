@@ -17,12 +17,7 @@ from magicfuse.inference import MagicFuse
 from test_inference import save_tiny_pipeline  # tests/ is on sys.path (rootdir-less test modules)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

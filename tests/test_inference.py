@@ -21,12 +21,7 @@ STEPS = 3
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomise_zero_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:

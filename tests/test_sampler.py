@@ -15,14 +15,7 @@ from magicfuse.models.presets import PRESETS
 STEPS = 4  # short schedules keep the suite fast; one test runs the full 25
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny nets gain nothing from threads, and OpenMP spinning on a shared 2-core
-    # machine can make them 30x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomise_zero_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -48,13 +48,7 @@ from magicfuse.training.mkf import mkf_loss
 H, W = 32, 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run much faster single-threaded (and the CI machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sample(split: str, i: int) -> PairSample:

@@ -197,6 +197,16 @@ class Reader:
             raise DataError(f"{path}: {problem} (use on_missing='skip' to drop such pairs)")
         self._skipped.append(f"{path.name} ({problem})")
 
+    def _labels_folder(self, label_dir: Path) -> Path | None:
+        """``label_dir`` when it exists; otherwise an error (``require_labels``) or a warning
+        and None (samples then have ``label=None``)."""
+        if label_dir.is_dir():
+            return label_dir
+        if getattr(self, "require_labels", False):
+            raise DataError(f"{label_dir}: labels folder not found (require_labels=True)")
+        warnings.warn(f"{label_dir}: no labels folder; samples will have label=None", stacklevel=5)
+        return None
+
     def _match(
         self,
         vis_dir: Path,
@@ -327,12 +337,8 @@ class MFNetReader(Reader):
 
     def _list(self) -> list[_Entry]:
         images = scan_images(self.root / "images")
-        label_dir = self.root / "labels"
-        labels = scan_images(label_dir) if label_dir.is_dir() else None
-        if labels is None:
-            if self.require_labels:
-                raise DataError(f"{label_dir}: labels folder not found (require_labels=True)")
-            warnings.warn(f"{label_dir}: no labels folder; samples will have label=None", stacklevel=4)
+        label_dir = self._labels_folder(self.root / "labels")
+        labels = scan_images(label_dir) if label_dir is not None else None
         if self.split == "all":
             names = list(images)
         else:
@@ -408,12 +414,7 @@ class MSRSReader(_BoxLabelMixin, _YoloBoxes, Reader):
 
     def _list(self) -> list[_Entry]:
         folder = _split_folder(self.root, self.split, self.kind)
-        label_dir = folder / "Segmentation_labels"
-        if not label_dir.is_dir():
-            if self.require_labels:
-                raise DataError(f"{label_dir}: labels folder not found (require_labels=True)")
-            warnings.warn(f"{label_dir}: no labels folder; samples will have label=None", stacklevel=4)
-            label_dir = None
+        label_dir = self._labels_folder(folder / "Segmentation_labels")
         boxes = self._box_files(self.boxes_dir)
         entries = self._match(folder / "vi", folder / "ir", label_dir, boxes)
         if boxes is not None and entries and not any(e.boxes for e in entries):
@@ -447,12 +448,7 @@ class FMBReader(Reader):
 
     def _list(self) -> list[_Entry]:
         folder = _split_folder(self.root, self.split, self.kind)
-        label_dir = folder / "Label"
-        if not label_dir.is_dir():
-            if self.require_labels:
-                raise DataError(f"{label_dir}: labels folder not found (require_labels=True)")
-            warnings.warn(f"{label_dir}: no labels folder; samples will have label=None", stacklevel=4)
-            label_dir = None
+        label_dir = self._labels_folder(folder / "Label")
         return self._match(folder / "Visible", folder / "Infrared", label_dir)
 
 

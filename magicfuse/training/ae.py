@@ -28,6 +28,7 @@ from magicfuse.training.loop import (
     TrainResult,
     run_training,
     seeded,
+    shard_loader,
 )
 from magicfuse.training.losses import reconstruction_loss
 
@@ -89,7 +90,7 @@ def ae_loss(model: nn.Module, batch: dict[str, Any], generator: torch.Generator,
 def train_autoencoder(cfg: AETrainConfig, shards_dir: str | Path, out_dir: str | Path, *,
                       logger: Logger | None = None, artifacts: ArtifactFn | None = None) -> TrainResult:
     """Train (or fine-tune) the autoencoder; writes `out_dir/ae.pt` (kind "ae", EMA weights)."""
-    from magicfuse.data.shards import make_loader, manifest_hash
+    from magicfuse.data.shards import manifest_hash
     from magicfuse.training import distributed as ddp
 
     info = ddp.init_distributed(cfg.device)
@@ -98,12 +99,7 @@ def train_autoencoder(cfg: AETrainConfig, shards_dir: str | Path, out_dir: str |
     if cfg.init_from:
         load_ae_init(model, cfg.init_from)
     members = ("clean", "infrared") if cfg.infrared else ("clean",)
-    crop = None if cfg.crop is None else (cfg.crop, cfg.crop)
-
-    def loader(epoch: int):
-        return make_loader(shards_dir, cfg.split, batch_size=cfg.batch_size, crop=crop,
-                           num_workers=cfg.num_workers, seed=cfg.seed, epoch=epoch, rank=info.rank,
-                           world_size=info.world_size, shuffle=True, members=members)
+    loader = shard_loader(shards_dir, cfg, info, members)
 
     def export(module: nn.Module, out: Path) -> dict[str, Path]:
         from magicfuse.checkpoint import save_model

@@ -50,6 +50,7 @@ from magicfuse.training.loop import (
     freeze,
     run_training,
     seeded,
+    shard_loader,
 )
 
 Branch = Literal["ikr", "ckg"]
@@ -171,7 +172,7 @@ def train_ldm(cfg: LDMTrainConfig, *, branch: Branch, ae_checkpoint: str | Path,
     `cfg.init_from`: an optional "unet" checkpoint to start from (fine-tuning).
     """
     from magicfuse.checkpoint import load_model, save_model
-    from magicfuse.data.shards import make_loader, manifest_hash
+    from magicfuse.data.shards import manifest_hash
 
     _check_branch(branch)
     info = ddp.init_distributed(cfg.device)
@@ -185,12 +186,7 @@ def train_ldm(cfg: LDMTrainConfig, *, branch: Branch, ae_checkpoint: str | Path,
             unet = build_model("unet", preset)
     abar = make_alphas_cumprod(cfg.num_train_steps, cfg.beta_start, cfg.beta_end, device=device)
     members = ("degraded", "clean") if branch == "ikr" else ("degraded", "infrared")
-    crop = None if cfg.crop is None else (cfg.crop, cfg.crop)
-
-    def loader(epoch: int):
-        return make_loader(shards_dir, cfg.split, batch_size=cfg.batch_size, crop=crop,
-                           num_workers=cfg.num_workers, seed=cfg.seed, epoch=epoch, rank=info.rank,
-                           world_size=info.world_size, shuffle=True, members=members)
+    loader = shard_loader(shards_dir, cfg, info, members)
 
     def export(module: nn.Module, out: Path) -> dict[str, Path]:
         path = out / f"{branch}.pt"

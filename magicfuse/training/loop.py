@@ -154,6 +154,22 @@ class TrainJob:
 # --------------------------------------------------------------------------- small helpers
 
 
+def shard_loader(shards_dir: str | Path, cfg: TrainConfig, info: ddp.DistInfo,
+                 members: tuple[str, ...]) -> Callable[[int], Iterable[dict[str, Any]]]:
+    """A `TrainJob.make_loader`: the `cfg.split` shards with `members`, square `cfg.crop` crops,
+    shuffled per epoch and split by rank."""
+    from magicfuse.data.shards import make_loader
+
+    crop = None if cfg.crop is None else (cfg.crop, cfg.crop)
+
+    def loader(epoch: int):
+        return make_loader(shards_dir, cfg.split, batch_size=cfg.batch_size, crop=crop,
+                           num_workers=cfg.num_workers, seed=cfg.seed, epoch=epoch, rank=info.rank,
+                           world_size=info.world_size, shuffle=True, members=members)
+
+    return loader
+
+
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run a block (e.g. building a network) under a fixed global torch seed, restoring the RNG after."""

@@ -42,6 +42,7 @@ from magicfuse.training.loop import (
     freeze,
     run_training,
     seeded,
+    shard_loader,
 )
 from magicfuse.training.losses import FusionLossWeights, fusion_losses
 
@@ -106,7 +107,7 @@ def train_mkf(cfg: MKFTrainConfig, *, ae_checkpoint: str | Path, ikr_checkpoint:
               logger: Logger | None = None, artifacts: ArtifactFn | None = None) -> TrainResult:
     """Train F and S; writes `out_dir/fusion.pt` and `out_dir/pipeline.pt` (returned as `checkpoint`)."""
     from magicfuse.checkpoint import load_model, save_model, save_pipeline
-    from magicfuse.data.shards import make_loader, manifest_hash
+    from magicfuse.data.shards import manifest_hash
 
     info = ddp.init_distributed(cfg.device)
     device = ddp.resolve_device(cfg.device, info)
@@ -121,12 +122,7 @@ def train_mkf(cfg: MKFTrainConfig, *, ae_checkpoint: str | Path, ikr_checkpoint:
             fusion = build_model("fusion", cfg.model)
     schedule = make_ddim_schedule(cfg.sampler_steps, device=device)
     members = ("degraded", "label")
-    crop = None if cfg.crop is None else (cfg.crop, cfg.crop)
-
-    def loader(epoch: int):
-        return make_loader(shards_dir, cfg.split, batch_size=cfg.batch_size, crop=crop,
-                           num_workers=cfg.num_workers, seed=cfg.seed, epoch=epoch, rank=info.rank,
-                           world_size=info.world_size, shuffle=True, members=members)
+    loader = shard_loader(shards_dir, cfg, info, members)
 
     def export(module: nn.Module, out: Path) -> dict[str, Path]:
         fusion_path = save_model(out / "fusion.pt", module, kind="fusion", train_config=to_dict(cfg),
