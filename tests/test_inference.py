@@ -129,8 +129,10 @@ def test_input_kinds_give_the_same_result(model):
 
     arr = _rgb(30, 40)
     ten = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+    # batch_size=1: every input runs in the same batch shape, so equality is exact (batches of
+    # different sizes round differently on CPU; that bound is the bucketing test's business)
     res = model.fuse([arr, Image.fromarray(arr), ten, ten[None], arr.astype(np.float32) / 255],
-                     seeds=[5] * 5, batch_size=2)
+                     seeds=[5] * 5, batch_size=1)
     assert len(res) == 5
     for r in res:
         assert r.magimg.shape == (30, 40, 3) and r.magimg.dtype == np.uint8
@@ -138,6 +140,7 @@ def test_input_kinds_give_the_same_result(model):
         assert r.seg.shape == (30, 40) and r.seg.dtype == np.uint8 and r.seg.max() < 9
         assert r.seg_color.shape == (30, 40, 3)
         np.testing.assert_array_equal(r.magimg, res[0].magimg)
+        np.testing.assert_array_equal(r.seg, res[0].seg)
 
 
 def test_grey_input_is_replicated(model):

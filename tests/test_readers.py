@@ -25,6 +25,11 @@ from magicfuse.imageio import read_image, write_png
 MSRS_KEYS = ("00012N", "00032N", "00040N")
 
 
+def _count_images(folder: Path) -> int:
+    """How many images a shared folder holds (the tests follow the data, not a fixed count)."""
+    return sum(1 for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+
+
 def _rand(shape, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
@@ -119,7 +124,7 @@ def test_msrs_real_test_split_with_boxes():
     root = need_shared("data", "msrs")
     with pytest.warns(UserWarning, match="Segmentation_labels"):
         r = open_reader("msrs", root, "test", boxes_dir=box_dir)
-    assert len(r) == 100
+    assert len(r) == _count_images(root / "test" / "vi") > 0
     s = r["00012N"]
     assert s.visible.shape == (480, 640, 3) and s.infrared.shape == (480, 640) and s.label is None
     first = (box_dir / "00012N.txt").read_text().split("\n")[0].split()
@@ -214,7 +219,8 @@ def test_llvip_layout_with_voc_boxes(tmp_path):
 def test_llvip_real_samples():
     root = need_shared("data", "llvip")
     r = open_reader("llvip", root, "test")
-    assert len(r) == 12 and len(open_reader("llvip", root, "train")) == 32
+    assert len(r) == _count_images(root / "visible" / "test") > 0
+    assert len(open_reader("llvip", root, "train")) == _count_images(root / "visible" / "train") > 0
     s = r[0]
     assert s.visible.shape == (1024, 1280, 3) and s.infrared.shape == (1024, 1280) and s.boxes is None
 
@@ -227,9 +233,9 @@ def test_roadscene_real_and_hash_split():
     every = open_reader("roadscene", root, "all")
     train = open_reader("roadscene", root, "train")
     test = open_reader("roadscene", root, "test")
-    assert len(every) == 60
+    assert len(every) == _count_images(root / "crop_LR_visible") > 0
     assert sorted(train.keys() + test.keys()) == every.keys() and not set(train.keys()) & set(test.keys())
-    assert 0 < len(test) < 30
+    assert 0 < len(test) < len(every) / 2
     assert open_reader("roadscene", root, "test").keys() == test.keys()
     s = test[0]
     assert s.visible.shape[:2] == s.infrared.shape and s.visible.shape[2] == 3
@@ -238,8 +244,9 @@ def test_roadscene_real_and_hash_split():
 
 
 def test_pairs_real_tno_and_palette_sets():
-    tno = open_reader("pairs", need_shared("data", "tno"), "all")
-    assert len(tno) == 12 and all(s.infrared.ndim == 2 for s in tno)
+    tno_root = need_shared("data", "tno")
+    tno = open_reader("pairs", tno_root, "all")
+    assert len(tno) == _count_images(tno_root / "vi") > 0 and all(s.infrared.ndim == 2 for s in tno)
     folder = need_shared("data", "dspfusion_hybrid", "val")
     r = open_reader("pairs", folder, "val", vis_dir="VI_enhanced", ir_dir="IR_enhanced")
     assert r.keys() == ["00001D", "00025N", "010167", "01545D", "060430", "06307", "08835"]
