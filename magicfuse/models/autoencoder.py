@@ -20,11 +20,12 @@ decoder. The noise is an explicit input: pass it, or a ``torch.Generator``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from magicfuse.errors import DataError
+from magicfuse.errors import ConfigError, DataError
 
 DOWNSCALE = 4
 
@@ -37,16 +38,40 @@ class AutoEncoderConfig:
     num_res_blocks: int = 3
     noise_channels: int = 32
     noise_scale: float = 1.0  # std of the encoder's Gaussian noise (0 = no noise)
+    # "instance": the authors' non-affine InstanceNorm after every conv (needed to load their
+    # weights). It normalises every feature map of every image, so the absolute brightness and
+    # colour of an image survive only through border effects: from scratch it learns slowly,
+    # loses colour, and a crop encodes differently from the same window of the whole frame.
+    # "none": the same layers without normalisation (no parameters either way, so the state
+    # dict layout is identical).
+    norm: Literal["instance", "none"] = "instance"
+    # Latent standardisation (LDM's "scale factor", plus a shift): encode returns
+    # (z_raw - latent_shift) / latent_scale and decode undoes it, so the denoisers see
+    # latents of about zero mean and unit variance, the signal-to-noise ratio the noise
+    # schedule assumes. The AE trainer measures both on its training images (visible and
+    # infrared) after training; 0 / 1 (the authors' AE) leave the latents as they are.
+    latent_shift: float = 0.0
+    latent_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("instance", "none"):
+            raise ConfigError(f"AutoEncoderConfig.norm must be 'instance' or 'none', got {self.norm!r}")
+        if not self.latent_scale > 0:
+            raise ConfigError(f"AutoEncoderConfig.latent_scale must be > 0, got {self.latent_scale!r}")
+
+
+def _norm(channels: int, norm: str) -> nn.Module:
+    return nn.InstanceNorm2d(channels) if norm == "instance" else nn.Identity()
 
 
 class ResNet(nn.Module):
-    """Two (conv 3×3, InstanceNorm, activation) layers plus the identity."""
+    """Two (conv 3×3, norm, activation) layers plus the identity."""
 
-    def __init__(self, channels: int, activation: str):
+    def __init__(self, channels: int, activation: str, norm: str = "instance"):
         super().__init__()
         act = (lambda: nn.LeakyReLU(0.2)) if activation == "leaky" else (lambda: nn.ReLU())
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.InstanceNorm2d(channels), act())
+            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), _norm(channels, norm), act())
             for _ in range(2)
         )
 
@@ -57,8 +82,8 @@ class ResNet(nn.Module):
         return h + x
 
 
-def _conv_in_act(cin: int, cout: int, k: int, stride: int, pad: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=pad), nn.InstanceNorm2d(cout), nn.LeakyReLU(0.2))
+def _conv_in_act(cin: int, cout: int, k: int, stride: int, pad: int, norm: str) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=pad), _norm(cout, norm), nn.LeakyReLU(0.2))
 
 
 def _up(ch: int) -> nn.Sequential:
@@ -71,14 +96,15 @@ class Encoder(nn.Module):
         super().__init__()
         c = cfg.channels
         self.noise_channels = cfg.noise_channels
-        self.downsample1 = _conv_in_act(c, c, 4, 2, 1)
-        self.downsample2 = _conv_in_act(c, c, 4, 2, 1)
-        self.imgconv = _conv_in_act(cfg.in_channels, c, 3, 1, 1)
-        self.noiseconv = _conv_in_act(c + cfg.noise_channels, c, 3, 1, 1)
+        n = cfg.norm
+        self.downsample1 = _conv_in_act(c, c, 4, 2, 1, n)
+        self.downsample2 = _conv_in_act(c, c, 4, 2, 1, n)
+        self.imgconv = _conv_in_act(cfg.in_channels, c, 3, 1, 1, n)
+        self.noiseconv = _conv_in_act(c + cfg.noise_channels, c, 3, 1, 1, n)
         self.out = nn.Sequential(nn.Conv2d(c, cfg.latent_channels, 3, padding=1), nn.Sigmoid())
-        self.resnet1 = nn.Sequential(*[ResNet(c, "leaky") for _ in range(cfg.num_res_blocks)])
-        self.resnet2 = nn.Sequential(*[ResNet(c, "leaky") for _ in range(cfg.num_res_blocks)])
-        self.resnet3 = nn.Sequential(*[ResNet(c, "leaky") for _ in range(cfg.num_res_blocks)])
+        self.resnet1 = nn.Sequential(*[ResNet(c, "leaky", n) for _ in range(cfg.num_res_blocks)])
+        self.resnet2 = nn.Sequential(*[ResNet(c, "leaky", n) for _ in range(cfg.num_res_blocks)])
+        self.resnet3 = nn.Sequential(*[ResNet(c, "leaky", n) for _ in range(cfg.num_res_blocks)])
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x (B,3,H,W) in [0,1], noise (B,noise_channels,H/4,W/4) -> sigmoid latent in [0,1]."""
@@ -96,9 +122,9 @@ class Decoder(nn.Module):
         self.upsample2 = _up(c)
         self.deconv = nn.Sequential(nn.Conv2d(c, cfg.in_channels, 3, padding=1), nn.Sigmoid())
         self.input = nn.Sequential(nn.Conv2d(cfg.latent_channels, c, 3, padding=1), nn.ReLU())
-        self.resnet1 = nn.Sequential(*[ResNet(c, "relu") for _ in range(cfg.num_res_blocks)])
-        self.resnet2 = nn.Sequential(*[ResNet(c, "relu") for _ in range(cfg.num_res_blocks)])
-        self.resnet3 = nn.Sequential(*[ResNet(c, "relu") for _ in range(cfg.num_res_blocks)])
+        self.resnet1 = nn.Sequential(*[ResNet(c, "relu", cfg.norm) for _ in range(cfg.num_res_blocks)])
+        self.resnet2 = nn.Sequential(*[ResNet(c, "relu", cfg.norm) for _ in range(cfg.num_res_blocks)])
+        self.resnet3 = nn.Sequential(*[ResNet(c, "relu", cfg.norm) for _ in range(cfg.num_res_blocks)])
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         """s (B,8,h,w) in [0,1] -> image (B,3,4h,4w) in [0,1]."""
@@ -139,7 +165,8 @@ class AutoEncoder(nn.Module):
         *,
         noise_scale: float | None = None,
     ) -> torch.Tensor:
-        """Image (B,3,H,W) in [0,1] -> latent (B,8,H/4,W/4) in [-1,1].
+        """Image (B,3,H,W) in [0,1] -> latent (B,8,H/4,W/4): the encoder's [-1,1] output,
+        standardised with the config's ``latent_shift`` / ``latent_scale``.
 
         ``noise``: the encoder's extra input, standard-normal of shape
         ``noise_shape(x)``; when None it is drawn from ``generator`` (on the
@@ -147,7 +174,9 @@ class AutoEncoder(nn.Module):
         (default: the config's; 0 gives a deterministic, noise-free encoding).
         """
         self._check_image(x)
-        return self.encoder(x, self.make_noise(x, noise, generator, noise_scale)) * 2.0 - 1.0
+        raw = self.encoder(x, self.make_noise(x, noise, generator, noise_scale)) * 2.0 - 1.0
+        cfg = self.config
+        return raw if (cfg.latent_shift, cfg.latent_scale) == (0.0, 1.0) else (raw - cfg.latent_shift) / cfg.latent_scale
 
     def make_noise(self, x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None,
                    noise_scale: float | None = None, *, where: str = "AutoEncoder.encode") -> Tensor:
@@ -166,10 +195,14 @@ class AutoEncoder(nn.Module):
         return noise
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent (B,8,h,w) in [-1,1] -> image (B,3,4h,4w) in [0,1] (latent clamped to [-1,1])."""
-        c = self.config.latent_channels
+        """Latent (B,8,h,w) as `encode` returns it -> image (B,3,4h,4w) in [0,1] (the
+        de-standardised latent is clamped to the encoder's range [-1,1])."""
+        cfg = self.config
+        c = cfg.latent_channels
         if z.ndim != 4 or z.shape[1] != c:
             raise DataError(f"AutoEncoder.decode: expected a latent batch (B,{c},h,w), got shape {tuple(z.shape)}")
+        if (cfg.latent_shift, cfg.latent_scale) != (0.0, 1.0):
+            z = z * cfg.latent_scale + cfg.latent_shift
         return self.decoder(((z + 1.0) / 2.0).clamp(0.0, 1.0))
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,

@@ -10,6 +10,7 @@ is reproducible. Training may start from the authors' AE (`init_from` pointing a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from magicfuse.config import to_dict
-from magicfuse.errors import CheckpointError
+from magicfuse.errors import CheckpointError, TrainingError
 from magicfuse.models import build_model, model_config
 from magicfuse.training.loop import (
     ArtifactFn,
@@ -39,7 +40,14 @@ class AETrainConfig(TrainConfig):
     lr: float = 1e-4
     structural: Literal["ssim", "gradient"] = "ssim"
     structural_weight: float = 1.0
+    chroma_weight: float = 0.0  # weight of an L1 on Cb/Cr (colour); see losses.reconstruction_loss
     infrared: bool = True  # also reconstruct the infrared images (replicated to 3 channels)
+    # Measure the latents' mean and standard deviation on up to this many training images
+    # (visible and infrared) after training and store them in the exported AE
+    # (AutoEncoderConfig.latent_shift/latent_scale), so that the denoisers get standardised
+    # latents. 0 keeps the raw latents (their std is ~0.25-0.5, far from the unit variance
+    # the noise schedule assumes; see docs/QUALITY.md).
+    latent_stats_images: int = 0
 
 
 def load_ae_init(model: nn.Module, path: str | Path) -> None:
@@ -84,7 +92,40 @@ def ae_loss(model: nn.Module, batch: dict[str, Any], generator: torch.Generator,
         images = torch.cat([images, batch["infrared"].expand(-1, 3, -1, -1)], dim=0)
     recon = model(images, None, generator)
     return reconstruction_loss(recon.float(), images.float(), structural=cfg.structural,
-                               structural_weight=cfg.structural_weight)
+                               structural_weight=cfg.structural_weight, chroma_weight=cfg.chroma_weight)
+
+
+@torch.no_grad()
+def latent_stats(ae: nn.Module, shards_dir: str | Path, split: str, members: tuple[str, ...],
+                 max_images: int) -> tuple[float, float]:
+    """(mean, std) of the raw, noise-free latents of the first `max_images` full frames of
+    `split` (every member in `members`, infrared replicated to 3 channels)."""
+    from magicfuse.data.shards import make_loader
+
+    raw = dataclasses.replace(ae.config, latent_shift=0.0, latent_scale=1.0)
+    saved, ae.config = ae.config, raw
+    device = next(ae.parameters()).device
+    was_training = ae.training
+    ae.eval()
+    total = total_sq = count = 0.0
+    try:
+        loader = make_loader(shards_dir, split, batch_size=1, crop=None, num_workers=0, shuffle=False, members=members)
+        for n, batch in enumerate(loader):
+            if n >= max_images:
+                break
+            for m in members:
+                z = ae.encode(batch[m].to(device).expand(-1, 3, -1, -1), noise_scale=0.0).double()
+                total += float(z.sum())
+                total_sq += float(z.pow(2).sum())
+                count += z.numel()
+    finally:
+        ae.config = saved
+        ae.train(was_training)
+    if count == 0:
+        raise TrainingError(f"{shards_dir}: split {split!r} has no images to measure the latent statistics on")
+    mean = total / count
+    std = max((total_sq / count - mean * mean), 1e-12) ** 0.5
+    return float(mean), float(std)
 
 
 def train_autoencoder(cfg: AETrainConfig, shards_dir: str | Path, out_dir: str | Path, *,
@@ -104,6 +145,9 @@ def train_autoencoder(cfg: AETrainConfig, shards_dir: str | Path, out_dir: str |
     def export(module: nn.Module, out: Path) -> dict[str, Path]:
         from magicfuse.checkpoint import save_model
 
+        if cfg.latent_stats_images:
+            shift, scale = latent_stats(module, shards_dir, cfg.split, members, cfg.latent_stats_images)
+            module.config = dataclasses.replace(module.config, latent_shift=shift, latent_scale=scale)
         path = out / "ae.pt"
         save_model(path, module, kind="ae", train_config=to_dict(cfg))
         return {"ae": path}

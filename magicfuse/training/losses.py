@@ -80,8 +80,13 @@ def gradient_loss(a: Tensor, b: Tensor) -> Tensor:
 
 
 def reconstruction_loss(recon: Tensor, target: Tensor, *, structural: str = "ssim",
-                        structural_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """Autoencoder loss: L1 + structural_weight × (1 − SSIM | gradient L1)."""
+                        structural_weight: float = 1.0, chroma_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Autoencoder loss: L1 + structural_weight × (1 − SSIM | gradient L1)
+    + chroma_weight × (‖Cb − Cb'‖₁ + ‖Cr − Cr'‖₁).
+
+    The chroma term exists because colour is a small part of the RGB error: with L1 + SSIM
+    alone an autoencoder trained from scratch reproduced luminance at 31 dB after 600 steps
+    while its colour saturation was a quarter of the input's (grey-looking outputs)."""
     l1 = F.l1_loss(recon, target)
     if structural == "ssim":
         struct = 1.0 - ssim(recon, target)
@@ -90,7 +95,14 @@ def reconstruction_loss(recon: Tensor, target: Tensor, *, structural: str = "ssi
     else:
         raise ValueError(f"structural term must be 'ssim' or 'gradient', got {structural!r}")
     loss = l1 + structural_weight * struct
-    return loss, {"l1": l1.detach(), structural: struct.detach()}
+    terms = {"l1": l1.detach(), structural: struct.detach()}
+    if chroma_weight:
+        _, cb_r, cr_r = rgb_to_ycbcr(recon)
+        _, cb_t, cr_t = rgb_to_ycbcr(target)
+        chroma = F.l1_loss(cb_r, cb_t) + F.l1_loss(cr_r, cr_t)
+        loss = loss + chroma_weight * chroma
+        terms["chroma"] = chroma.detach()
+    return loss, terms
 
 
 @dataclass(frozen=True)
