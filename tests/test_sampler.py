@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample, required_multiple
-from magicfuse.diffusion.schedule import ddim_pairs, make_alphas_cumprod, make_ddim_schedule, predict_x0
+from magicfuse.diffusion.schedule import ddim_pairs, eps_from_v, make_alphas_cumprod, make_ddim_schedule, predict_x0
 from magicfuse.errors import ConfigError, DataError, MagicFuseError
 from magicfuse.models import FusionConfig, build_model
 from magicfuse.models.presets import PRESETS
@@ -128,8 +128,10 @@ def test_streams_share_z_T_and_eq8(nets, image):
     t = torch.full((2,), 960, dtype=torch.long)
     with torch.no_grad():
         c = nets.ae.encode(padded, noise=a_T)
-        e_psi = nets.ikr(z_T, t, c)
-        e_phi = nets.ckg(z_T, t, c)
+        # the tiny denoisers predict v: ε = √ᾱ·v + √(1−ᾱ)·z_t
+        assert nets.ikr.config.prediction == nets.ckg.config.prediction == "v"
+        e_psi = eps_from_v(nets.ikr(z_T, t, c), z_T, abar)
+        e_phi = eps_from_v(nets.ckg(z_T, t, c), z_T, abar)
         x_psi, x_phi = predict_x0(z_T, e_psi, abar), predict_x0(z_T, e_phi, abar)
         ref = nets.fusion(x_psi, x_phi, z_T, e_psi, e_phi, t, s_T)
     torch.testing.assert_close(out.zhat["psi"], x_psi)
@@ -138,6 +140,27 @@ def test_streams_share_z_T_and_eq8(nets, image):
     torch.testing.assert_close(out.seg_logits_latent, ref.seg_logits)
     torch.testing.assert_close(out.zhat["f"], predict_x0(z_T, out.w * e_psi + (1 - out.w) * e_phi, abar))
     assert not torch.allclose(out.zhat["psi"], out.zhat["phi"])
+
+
+def test_sampler_reads_what_each_denoiser_predicts(nets, image):
+    """The same weights read as an ε-predictor (the authors' convention) give eq. 13 on the raw
+    output; read as a v-predictor, on ε = √ᾱ·v + √(1−ᾱ)·z_t."""
+    z_T = torch.randn(2, 8, 8, 12, generator=_gen(21))
+    a_T = torch.randn(2, 32, 8, 12, generator=_gen(22))
+    as_eps = build_model("unet", dataclasses.replace(nets.ikr.config, prediction="eps")).eval()
+    as_eps.load_state_dict(nets.ikr.state_dict())
+    abar = make_alphas_cumprod()[960]
+    t = torch.full((2,), 960, dtype=torch.long)
+    padded = F.pad(image, (0, 7, 0, 2), mode="reflect")
+    outs = {}
+    for name, net in (("v", nets.ikr), ("eps", as_eps)):
+        one = MagicFuseNets(ae=nets.ae, ikr=net, ckg=None)
+        outs[name] = magicfuse_sample(one, image, steps=25, noise=z_T, ae_noise=a_T, stop_at=0, variant="model4")
+    with torch.no_grad():
+        raw = nets.ikr(z_T, t, nets.ae.encode(padded, noise=a_T))
+    torch.testing.assert_close(outs["eps"].zhat["psi"], predict_x0(z_T, raw, abar))
+    torch.testing.assert_close(outs["v"].zhat["psi"], predict_x0(z_T, eps_from_v(raw, z_T, abar), abar))
+    assert (outs["v"].zhat["psi"] - outs["eps"].zhat["psi"]).abs().mean() > 0.1
 
 
 def test_stop_at_truncates(nets, image, full):

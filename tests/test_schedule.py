@@ -12,7 +12,9 @@ from magicfuse.diffusion.schedule import (
     make_schedule,
     predict_x0,
     q_sample,
+    eps_from_v,
     sample_timesteps,
+    v_target,
 )
 from magicfuse.errors import ConfigError
 
@@ -79,6 +81,18 @@ def test_predict_x0_inverts_q_sample():
     # and the forward process is what eq. 3-4 says, per sample
     a1 = abar[1].item()
     torch.testing.assert_close(zt[1], a1**0.5 * z0[1] + (1 - a1) ** 0.5 * noise[1])
+
+
+def test_v_target_and_eps_from_v_invert_each_other():
+    g = torch.Generator().manual_seed(1)
+    z0 = torch.randn(3, 8, 5, 7, generator=g)
+    noise = torch.randn(3, 8, 5, 7, generator=g)
+    abar = make_alphas_cumprod()[torch.tensor([0, 480, 960])]
+    zt = q_sample(z0, noise, abar)
+    v = v_target(z0, noise, abar)
+    a = abar[2].item()  # by hand for one sample: v = √ᾱ ε − √(1−ᾱ) z0
+    torch.testing.assert_close(v[2], a**0.5 * noise[2] - (1 - a) ** 0.5 * z0[2])
+    torch.testing.assert_close(eps_from_v(v, zt, abar), noise, atol=1e-5, rtol=1e-5)
 
 
 def test_ddim_step_with_true_noise():

@@ -60,8 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from magicfuse.diffusion.schedule import DDIMSchedule, make_ddim_schedule, predict_x0, ddim_step
+from magicfuse.diffusion.schedule import DDIMSchedule, ddim_step, eps_from_v, make_ddim_schedule, predict_x0
 from magicfuse.errors import ConfigError, DataError
+from magicfuse.models.unet import prediction_of
 
 Variant = Literal["full", "model1", "model2", "model3", "model4"]
 VARIANTS: tuple[str, ...] = ("full", "model1", "model2", "model3", "model4")
@@ -120,6 +121,12 @@ class SamplerOutput:
 def _unwrap(m: nn.Module) -> nn.Module:
     """The original module behind a torch.compile wrapper."""
     return getattr(m, "_orig_mod", m)
+
+
+def denoiser_eps(net: nn.Module, z_t: Tensor, t: Tensor, cond: Tensor, abar_t: Tensor) -> Tensor:
+    """ε̂(z_t, t, c) of a denoiser in float32, whatever it predicts (ε or v, see `prediction_of`)."""
+    out = net(z_t, t, cond).float()
+    return eps_from_v(out, z_t.float(), abar_t) if prediction_of(net) == "v" else out
 
 
 def _cfg(m: nn.Module):
@@ -347,8 +354,8 @@ def magicfuse_sample(
             t = sched.timesteps[i].expand(B)
             a_t, a_prev = sched.abar_t[i], sched.abar_prev[i]
             with torch.no_grad():
-                eps_psi = nets.ikr(z_psi, t, cond).float()
-                eps_phi = nets.ckg(z_phi, t, cond).float() if uses_ckg else None
+                eps_psi = denoiser_eps(nets.ikr, z_psi, t, cond, a_t)
+                eps_phi = denoiser_eps(nets.ckg, z_phi, t, cond, a_t) if uses_ckg else None
             x0_psi = predict_x0(z_psi, eps_psi, a_t)
             x0_phi = predict_x0(z_phi, eps_phi, a_t) if uses_ckg else None
 

@@ -136,6 +136,18 @@ def q_sample(z0: Tensor, noise: Tensor, abar_t: Tensor | float) -> Tensor:
     return torch.sqrt(a) * z0 + torch.sqrt(1.0 - a) * noise
 
 
+def v_target(z0: Tensor, noise: Tensor, abar_t: Tensor | float) -> Tensor:
+    """The "v" a v-predicting denoiser learns (Salimans & Ho 2022): v = √ᾱ_t·ε − √(1−ᾱ_t)·z0."""
+    a = _bc(abar_t, z0)
+    return torch.sqrt(a) * noise - torch.sqrt(1.0 - a) * z0
+
+
+def eps_from_v(v: Tensor, z_t: Tensor, abar_t: Tensor | float) -> Tensor:
+    """ε of a v prediction: ε = √ᾱ_t·v + √(1−ᾱ_t)·z_t (exact inverse of `v_target` given z_t)."""
+    a = _bc(abar_t, z_t)
+    return torch.sqrt(a) * v + torch.sqrt(1.0 - a) * z_t
+
+
 def eps_loss(eps_pred: Tensor, noise: Tensor) -> Tensor:
     """Eq. 7: mean squared error between predicted and true noise (computed in float32)."""
     if eps_pred.shape != noise.shape:

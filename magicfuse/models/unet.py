@@ -16,7 +16,8 @@ authors' checkpoints (``time_embed``, ``input_blocks``, ``middle_block``,
   (odd sizes included).
 
 Input: ``cat(cond, z_t)`` (16 channels, condition FIRST as in the authors' code);
-output: predicted noise (8 channels). Attention runs through
+output (8 channels): the predicted noise ε, or v = √ᾱ·ε − √(1−ᾱ)·z0 when
+``UNetConfig.prediction == "v"`` (`prediction_of` tells consumers which). Attention runs through
 ``torch.nn.functional.scaled_dot_product_attention``, over overlapping windows for big
 maps when an ``attn_window`` is given (see :mod:`magicfuse.models.attention`).
 """
@@ -34,6 +35,9 @@ from magicfuse.models.attention import AttentionWindow, spatial_attention
 from magicfuse.errors import ConfigError, DataError
 
 
+PREDICTIONS = ("eps", "v")
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     latent_channels: int = 8  # z_t and cond channels each; input = 2×, output = 1×
@@ -45,6 +49,21 @@ class UNetConfig:
     transformer_depth: int = 1
     dropout: float = 0.0
     num_groups: int = 32
+    # What the network outputs: "eps" (the noise, eq. 7; the authors' checkpoints) or "v"
+    # (√ᾱ·ε − √(1−ᾱ)·z0). Consumers turn either into ε with `predicted_eps`; v is far
+    # better conditioned at high t for small networks (docs/QUALITY.md).
+    prediction: str = "eps"
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"UNetConfig.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+
+
+def prediction_of(net: nn.Module) -> str:
+    """What a denoiser outputs ("eps" or "v"), read from its config through any wrapper
+    (torch.compile, DDP and the tiling wrappers all expose the wrapped network's `config`)."""
+    cfg = getattr(getattr(net, "_orig_mod", net), "config", None)
+    return getattr(cfg, "prediction", "eps")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
