@@ -286,6 +286,26 @@ def test_autoencoder_outputs_and_logger(shards, tmp_path):
     assert state_equal(model.state_dict(), m2.state_dict())
 
 
+def test_autoencoder_latent_standardisation(shards, tmp_path):
+    """latent_stats_images > 0: the exported AE encodes its training images to latents of
+    mean 0 and std 1 and reconstructs exactly what the raw AE reconstructs."""
+    base = {"steps": 2, "batch_size": 2, "crop": 16, "log_every": 1, "ckpt_every": 10, "device": "cpu",
+            "progress": False}
+    raw = train_autoencoder(from_mapping(AETrainConfig, base), shards, tmp_path / "raw")
+    std = train_autoencoder(from_mapping(AETrainConfig, {**base, "latent_stats_images": 8}), shards, tmp_path / "std")
+    ae_raw, _ = load_model(raw.checkpoint, kind="ae")
+    ae_std, _ = load_model(std.checkpoint, kind="ae")
+    assert (ae_raw.config.latent_shift, ae_raw.config.latent_scale) == (0.0, 1.0)
+    assert ae_std.config.latent_scale != 1.0 and state_equal(ae_raw.state_dict(), ae_std.state_dict())
+    x = next(iter(make_loader(shards, "train", batch_size=8, crop=None, shuffle=False, members=("clean",))))["clean"]
+    with torch.no_grad():
+        z_raw, z = ae_raw.encode(x, noise_scale=0.0), ae_std.encode(x, noise_scale=0.0)
+        torch.testing.assert_close(z, (z_raw - ae_std.config.latent_shift) / ae_std.config.latent_scale)
+        torch.testing.assert_close(ae_std.decode(z), ae_raw.decode(z_raw), atol=1e-5, rtol=1e-5)
+    # the statistics cover visible and infrared; the visible part alone is near, not at, 0/1
+    assert abs(float(z.mean())) < 1.0 and 0.3 < float(z.std()) < 3.0
+
+
 @pytest.mark.needs_shared
 def test_official_ae_init_beats_random(shards, tmp_path):
     official = need_shared("weights", "official_ae.pth")
@@ -311,18 +331,21 @@ def test_ldm_loss_decreases_on_a_fixed_batch(shards, ae_ckpt):
     ae.requires_grad_(False)
     with seeded(0):
         unet = build_model("unet", "ikr-tiny")
-    batch = next(iter(make_loader(shards, "train", batch_size=2, crop=(16, 16), seed=0, shuffle=False)))
+    images = next(iter(make_loader(shards, "train", batch_size=2, crop=(16, 16), seed=0, shuffle=False)))
+    with torch.no_grad():
+        batch = {"cond": ae.encode(images["degraded"], noise_scale=0.0),
+                 "z0": ae.encode(images["clean"], noise_scale=0.0)}
     abar = make_alphas_cumprod()
 
     def fixed_loss() -> float:
         with torch.no_grad():
-            return sum(float(ldm_loss(unet, ae, batch, torch.Generator().manual_seed(100 + k), branch="ikr",
+            return sum(float(ldm_loss(unet, batch, torch.Generator().manual_seed(100 + k),
                                       alphas_cumprod=abar)[0]) for k in range(4)) / 4
 
     before = fixed_loss()
     opt = torch.optim.Adam(unet.parameters(), lr=2e-3)
-    for step in range(30):
-        loss, _ = ldm_loss(unet, ae, batch, torch.Generator().manual_seed(step), branch="ikr", alphas_cumprod=abar)
+    for step in range(80):
+        loss, _ = ldm_loss(unet, batch, torch.Generator().manual_seed(step), alphas_cumprod=abar)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -406,3 +429,69 @@ def test_trained_ckg_beats_grey_copy_of_input(tmp_path):
     res = train_ldm(cfg, branch="ckg", ae_checkpoint=official, shards_dir=shards, out_dir=tmp_path / "run")
     assert res.history[-1]["loss"] < 0.3 * res.history[0]["loss"]
     assert res.final_metrics["psnr"] > res.final_metrics["psnr_baseline"], res.final_metrics
+
+
+# --------------------------------------------------------------------------- latent pairs
+
+
+def _pairs(sizes):
+    from magicfuse.training.latents import LatentPairs
+
+    cond = [torch.arange(8 * h * w, dtype=torch.float32).reshape(8, h, w) + 1000 * i for i, (h, w) in enumerate(sizes)]
+    return LatentPairs([f"k{i}" for i in range(len(sizes))], cond, [c + 0.5 for c in cond])
+
+
+def test_latent_loader_cuts_the_same_window_of_condition_and_target():
+    from magicfuse.training.latents import latent_loader
+
+    pairs = _pairs([(6, 8)] * 5)
+    loader = latent_loader(pairs, batch_size=2, crop=16, seed=0)
+    batches = list(loader(0))
+    assert [len(b["key"]) for b in batches] == [2, 2, 1]
+    assert sorted(k for b in batches for k in b["key"]) == pairs.keys
+    for b in batches:
+        assert b["cond"].shape[-2:] == (4, 4)  # 16 pixels = 4 latent cells
+        torch.testing.assert_close(b["z0"] - b["cond"], torch.full_like(b["cond"], 0.5))
+        for key, c in zip(b["key"], b["cond"]):
+            full = pairs.cond[pairs.keys.index(key)]
+            top, left = divmod(int(c[0, 0, 0] - full[0, 0, 0]), full.shape[-1])
+            torch.testing.assert_close(c, full[:, top:top + 4, left:left + 4])
+    again = list(latent_loader(pairs, batch_size=2, crop=16, seed=0)(0))
+    assert all(torch.equal(a["cond"], b["cond"]) for a, b in zip(batches, again))
+    other = list(loader(1))
+    assert not all(torch.equal(a["cond"], b["cond"]) for a, b in zip(batches, other) if a["cond"].shape == b["cond"].shape)
+    whole = next(iter(latent_loader(pairs, batch_size=5, crop=None, seed=0)(0)))
+    assert whole["cond"].shape == (5, 8, 6, 8)
+
+
+@pytest.mark.parametrize("sizes, crop, match", [
+    ([(6, 8)], 18, "multiple of 4"),
+    ([(6, 8), (3, 8)], 16, "larger than 1 frame"),
+    ([(6, 8), (4, 8)], None, "several sizes"),
+])
+def test_latent_loader_errors(sizes, crop, match):
+    from magicfuse.errors import DataError
+    from magicfuse.training.latents import latent_loader
+
+    with pytest.raises(DataError, match=match):
+        latent_loader(_pairs(sizes), batch_size=2, crop=crop, seed=0)
+
+
+def test_cached_pairs_are_a_function_of_the_autoencoder_and_data(shards, ae_ckpt, tmp_path):
+    from magicfuse.data.shards import manifest_hash
+    from magicfuse.training.latents import cached_pairs
+
+    ae, _ = load_model(ae_ckpt, kind="ae")
+    kw = {"seed": 0, "manifest": manifest_hash(shards), "cache_dir": tmp_path, "progress": False}
+    first = cached_pairs(ae, ae_ckpt, shards, "train", "ckg", **kw)
+    files = list(tmp_path.glob("latents-*.pt"))
+    assert len(files) == 1 and len(first) == 8 and first.cond[0].shape == (8, H // 4, W // 4)
+    again = cached_pairs(ae, ae_ckpt, shards, "train", "ckg", **kw)  # from the cache
+    assert again.keys == first.keys and all(torch.equal(a, b) for a, b in zip(again.target, first.target))
+    ikr = cached_pairs(ae, ae_ckpt, shards, "train", "ikr", **kw)
+    assert len(list(tmp_path.glob("latents-*.pt"))) == 2
+    assert all(torch.equal(a, b) for a, b in zip(ikr.cond, first.cond))  # same degraded frames, same noise
+    assert not torch.equal(ikr.target[0], first.target[0])  # clean visible vs infrared
+    files[0].write_bytes(b"damaged")
+    rebuilt = cached_pairs(ae, ae_ckpt, shards, "train", "ckg", **kw)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.target, first.target))

@@ -8,7 +8,10 @@ With the autoencoder frozen:
     t ~ U{0..T-1},  ε ~ N(0, I),  z_t = √ᾱ_t·z0 + √(1−ᾱ_t)·ε
     loss = ‖ε − UNet(z_t, t, c)‖²
 
-Every draw (encoder noise, t, ε) comes from the step's generator. After training,
+c and z0 are encoded once per frame, at full frame size (`magicfuse.training.latents`),
+and `crop` cuts the same window out of both latents: the denoiser trains on the
+latents it is sampled on (encoding crops on their own gives other latents). t and ε
+come from the step's generator. After training,
 `evaluate_ldm_psnr` samples the EMA network with the project's one DDIM sampler
 (`magicfuse_sample`, variant "model4" = a single denoising stream) on a few test
 images and compares the result with the true target, beside a trivial baseline
@@ -35,9 +38,11 @@ from magicfuse.diffusion.schedule import (
     make_ddim_schedule,
     q_sample,
     sample_timesteps,
+    v_target,
 )
 from magicfuse.errors import ConfigError, DataError
 from magicfuse.models import build_model, model_config
+from magicfuse.models.unet import prediction_of
 from magicfuse.training import distributed as ddp
 from magicfuse.training.ae import load_autoencoder
 from magicfuse.training.loop import (
@@ -50,8 +55,8 @@ from magicfuse.training.loop import (
     freeze,
     run_training,
     seeded,
-    shard_loader,
 )
+from magicfuse.training.latents import branch_members, cached_pairs, latent_loader
 
 Branch = Literal["ikr", "ckg"]
 BRANCHES = ("ikr", "ckg")
@@ -88,19 +93,27 @@ def branch_target(batch: dict[str, Any], branch: str) -> Tensor:
     return batch["infrared"].expand(-1, 3, -1, -1)
 
 
-def ldm_loss(unet: nn.Module, ae: nn.Module, batch: dict[str, Any], generator: torch.Generator, *,
-             branch: str, alphas_cumprod: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Eq. 7 on one batch; every random draw comes from `generator` (on the batch's device)."""
-    degraded = batch["degraded"]
-    with torch.no_grad():
-        cond = ae.encode(degraded, generator=generator).float()
-        z0 = ae.encode(branch_target(batch, branch), generator=generator).float()
+def ldm_loss(unet: nn.Module, batch: dict[str, Any], generator: torch.Generator, *,
+             alphas_cumprod: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Eq. 7 on one batch of latent pairs {"cond", "z0"}; t and ε come from `generator`.
+    A v-predicting UNet (`UNetConfig.prediction`) regresses v = √ᾱ·ε − √(1−ᾱ)·z0 instead of ε."""
+    cond, z0 = batch["cond"].float(), batch["z0"].float()
     t = sample_timesteps(z0.shape[0], generator, num_train_steps=alphas_cumprod.numel(), device=z0.device)
     noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
     z_t = q_sample(z0, noise, alphas_cumprod[t])
-    eps = unet(z_t, t, cond)
-    loss = eps_loss(eps, noise)
+    out = unet(z_t, t, cond)
+    target = v_target(z0, noise, alphas_cumprod[t]) if prediction_of(unet) == "v" else noise
+    loss = eps_loss(out, target)  # the MSE of eq. 7, on ε or on v (same minimiser, better scaled)
     return loss, {}
+
+
+def _preview_images(shards_dir: Any, split: str, members: tuple[str, ...], n: int = 4) -> dict[str, Tensor]:
+    """The first `n` full frames of `split` (the preview grid's inputs and targets)."""
+    from magicfuse.data.shards import make_loader
+
+    batch = next(iter(make_loader(shards_dir, split, batch_size=n, crop=None, num_workers=0, shuffle=False,
+                                  members=members)))
+    return {m: batch[m] for m in members}
 
 
 def psnr(a: Tensor, b: Tensor) -> Tensor:
@@ -139,7 +152,7 @@ def evaluate_ldm_psnr(ae: nn.Module, unet: nn.Module, branch: str, shards_dir: s
     ae.eval().to(device)
     unet.eval().to(device)
     schedule = make_ddim_schedule(steps, num_train_steps, beta_start, beta_end, device=device)
-    members = ("clean", "degraded") if branch == "ikr" else ("degraded", "infrared")
+    members = branch_members(branch)
     loader = make_loader(shards_dir, split, batch_size=1, crop=None, num_workers=0, shuffle=False, members=members)
     ours, base, n = [], [], 0
     for batch in loader:
@@ -185,8 +198,13 @@ def train_ldm(cfg: LDMTrainConfig, *, branch: Branch, ae_checkpoint: str | Path,
         with seeded(cfg.seed):
             unet = build_model("unet", preset)
     abar = make_alphas_cumprod(cfg.num_train_steps, cfg.beta_start, cfg.beta_end, device=device)
-    members = ("degraded", "clean") if branch == "ikr" else ("degraded", "infrared")
-    loader = shard_loader(shards_dir, cfg, info, members)
+    members = branch_members(branch)
+    pairs = cached_pairs(ae, ae_checkpoint, shards_dir, cfg.split, branch, seed=cfg.seed,
+                         manifest=manifest_hash(shards_dir), cache_dir=Path(out_dir), device=device,
+                         progress=cfg.progress and info.is_main)
+    loader = latent_loader(pairs, batch_size=cfg.batch_size, crop=cfg.crop, seed=cfg.seed, rank=info.rank,
+                           world_size=info.world_size)
+    preview_batch = _preview_images(shards_dir, cfg.eval_split, members) if cfg.sample_every else None
 
     def export(module: nn.Module, out: Path) -> dict[str, Path]:
         path = out / f"{branch}.pt"
@@ -202,15 +220,16 @@ def train_ldm(cfg: LDMTrainConfig, *, branch: Branch, ae_checkpoint: str | Path,
                                  beta_end=cfg.beta_end, device=device)
 
     def preview(module: nn.Module, batch: dict[str, Any], gen: torch.Generator) -> Tensor:
-        degraded = batch["degraded"][:4]
+        batch = {k: v.to(device) for k, v in preview_batch.items()}
+        degraded = batch["degraded"]
         schedule = make_ddim_schedule(cfg.eval_steps, cfg.num_train_steps, cfg.beta_start, cfg.beta_end,
                                       device=degraded.device)
         out = sample_branch(ae, module, degraded, steps=cfg.eval_steps, generator=gen, schedule=schedule)
-        return torch.cat([degraded, out.float(), branch_target(batch, branch)[:4]], dim=-2)
+        return torch.cat([degraded, out.float(), branch_target(batch, branch)], dim=-2)
 
     job = TrainJob(
         name=branch, model=unet, model_config=model_config(unet),
-        loss_fn=lambda m, b, g: ldm_loss(m, ae, b, g, branch=branch, alphas_cumprod=abar),
+        loss_fn=lambda m, b, g: ldm_loss(m, b, g, alphas_cumprod=abar),
         make_loader=loader, export=export, manifest_hash=manifest_hash(shards_dir),
         evaluate=evaluate, preview=preview,
     )
