@@ -101,8 +101,8 @@ def _fit_batch(shards: Path) -> dict:
 @pytest.fixture(scope="module")
 def ae_run(real_shards, tmp_path_factory):
     cfg = from_mapping(AETrainConfig, {
-        "model": "ae-tiny", "steps": 1000, "batch_size": 8, "crop": CROP, "lr": 2e-3, "chroma_weight": 5.0,
-        "ema_decay": 0.99, "log_every": 50, "ckpt_every": 1000, "device": "cpu", "progress": False, "seed": 0})
+        "model": "ae-tiny", "steps": 600, "batch_size": 8, "crop": CROP, "lr": 2e-3, "chroma_weight": 5.0,
+        "ema_decay": 0.99, "log_every": 50, "ckpt_every": 600, "device": "cpu", "progress": False, "seed": 0})
     return train_autoencoder(cfg, real_shards, tmp_path_factory.mktemp("ae"))
 
 
