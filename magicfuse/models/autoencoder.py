@@ -175,8 +175,7 @@ class AutoEncoder(nn.Module):
         """
         self._check_image(x)
         raw = self.encoder(x, self.make_noise(x, noise, generator, noise_scale)) * 2.0 - 1.0
-        cfg = self.config
-        return raw if (cfg.latent_shift, cfg.latent_scale) == (0.0, 1.0) else (raw - cfg.latent_shift) / cfg.latent_scale
+        return (raw - self.config.latent_shift) / self.config.latent_scale  # exact no-op for 0 / 1
 
     def make_noise(self, x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None,
                    noise_scale: float | None = None, *, where: str = "AutoEncoder.encode") -> Tensor:
@@ -201,8 +200,7 @@ class AutoEncoder(nn.Module):
         c = cfg.latent_channels
         if z.ndim != 4 or z.shape[1] != c:
             raise DataError(f"AutoEncoder.decode: expected a latent batch (B,{c},h,w), got shape {tuple(z.shape)}")
-        if (cfg.latent_shift, cfg.latent_scale) != (0.0, 1.0):
-            z = z * cfg.latent_scale + cfg.latent_shift
+        z = z * cfg.latent_scale + cfg.latent_shift
         return self.decoder(((z + 1.0) / 2.0).clamp(0.0, 1.0))
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,
