@@ -146,6 +146,24 @@ def test_segmentation_loss_weights_and_ignore():
     assert float(none.detach()) == 0.0 and none.requires_grad  # no NaN from an all-ignore label
 
 
+def test_mkf_seg_class_weights_reach_the_loss():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 9, 8, 8, generator=gen)
+    label = torch.randint(0, 9, (1, 8, 8), generator=gen)
+    img = torch.rand(1, 3, 32, 32, generator=gen)
+    weights = (0.1, 5.0, 5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    cfg = from_mapping(MKFTrainConfig, {"seg_class_weights": list(weights)})
+    _, terms = fusion_losses(img, img, img[:, :1], seg_logits=logits, label=label, weights=cfg.loss_weights)
+    ref = F.cross_entropy(logits, label, weight=torch.tensor(weights))
+    assert float(terms["seg"]) == pytest.approx(float(ref), rel=1e-6)
+    _, default = fusion_losses(img, img, img[:, :1], seg_logits=logits, label=label,
+                               weights=from_mapping(MKFTrainConfig, {}).loss_weights)
+    assert float(default["seg"]) == pytest.approx(float(segmentation_loss(logits, label)), rel=1e-6)
+    assert float(default["seg"]) != pytest.approx(float(ref), rel=1e-3)  # the premise: the weights matter here
+    with pytest.raises(ConfigError, match="seg_class_weights"):
+        from_mapping(MKFTrainConfig, {"seg_class_weights": [1.0, -1.0]})
+
+
 # --------------------------------------------------------------------------- configs, helpers
 
 

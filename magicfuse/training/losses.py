@@ -112,6 +112,7 @@ class FusionLossWeights:
     cb: float = 5.0
     cr: float = 5.0
     seg: float = 1.0
+    seg_class_weights: tuple[float, ...] = SEG_CLASS_WEIGHTS  # per-class cross-entropy weights
 
 
 def segmentation_loss(logits: Tensor, label: Tensor,
@@ -150,7 +151,7 @@ def fusion_losses(magimg: Tensor, ikr: Tensor, ckg: Tensor, *, seg_logits: Tenso
     total = weights.contrast * contrast + weights.texture * texture + weights.cb * cb + weights.cr * cr
     terms = {"contrast": contrast, "texture": texture, "cb": cb, "cr": cr}
     if seg_logits is not None and label is not None:
-        seg = segmentation_loss(seg_logits, label)
+        seg = segmentation_loss(seg_logits, label, class_weights=weights.seg_class_weights)
         total = total + weights.seg * seg
         terms["seg"] = seg
     return total, {k: v.detach() for k, v in terms.items()}

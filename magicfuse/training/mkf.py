@@ -68,6 +68,8 @@ class MKFTrainConfig(TrainConfig):
     w_cb: float = 5.0
     w_cr: float = 5.0
     w_seg: float = 1.0
+    # cross-entropy weight of each class; None = the authors' MFNet weights (SEG_CLASS_WEIGHTS)
+    seg_class_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,11 +77,16 @@ class MKFTrainConfig(TrainConfig):
             raise ConfigError(f"MKFTrainConfig.sampler_steps must be >= 1, got {self.sampler_steps}")
         if not 0.0 <= self.tau <= 1.0:
             raise ConfigError(f"MKFTrainConfig.tau must be in [0, 1], got {self.tau}")
+        if self.seg_class_weights is not None and (
+                not self.seg_class_weights or not all(w >= 0 for w in self.seg_class_weights)):
+            raise ConfigError("MKFTrainConfig.seg_class_weights must be a non-empty list of weights >= 0 "
+                              f"(one per class), got {self.seg_class_weights}")
 
     @property
     def loss_weights(self) -> FusionLossWeights:
+        extra = {} if self.seg_class_weights is None else {"seg_class_weights": tuple(self.seg_class_weights)}
         return FusionLossWeights(contrast=self.w_contrast, texture=self.w_texture, cb=self.w_cb, cr=self.w_cr,
-                                 seg=self.w_seg)
+                                 seg=self.w_seg, **extra)
 
     @property
     def sampler_settings(self) -> dict[str, Any]:
@@ -120,6 +127,10 @@ def train_mkf(cfg: MKFTrainConfig, *, ae_checkpoint: str | Path, ikr_checkpoint:
     else:
         with seeded(cfg.seed):
             fusion = build_model("fusion", cfg.model)
+    num_classes = fusion.config.num_classes
+    if cfg.seg_class_weights is not None and len(cfg.seg_class_weights) != num_classes:
+        raise ConfigError(f"MKFTrainConfig.seg_class_weights has {len(cfg.seg_class_weights)} weights but the "
+                          f"fusion network {cfg.model!r} segments {num_classes} classes")
     schedule = make_ddim_schedule(cfg.sampler_steps, device=device)
     members = ("degraded", "label")
     loader = shard_loader(shards_dir, cfg, info, members)
