@@ -468,7 +468,9 @@ class _PyfuncMethods:
         artifacts = getattr(context, "artifacts", None) or {}
         if "pipeline" not in artifacts:
             raise CheckpointError(f"MagicFusePyfunc: the model has no 'pipeline' artifact (found {sorted(artifacts)})")
-        self.model = MagicFuse.from_pretrained(artifacts["pipeline"], device=self.device)
+        # MLflow's model_config (e.g. mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})) wins
+        device = (getattr(context, "model_config", None) or {}).get("device") or self.device
+        self.model = MagicFuse.from_pretrained(artifacts["pipeline"], device=device)
 
     def predict(self, context: Any, model_input: Any = None, params: Mapping[str, Any] | None = None) -> np.ndarray:
         if model_input is None:  # called as predict(model_input) without a context

@@ -575,14 +575,15 @@ def log_component_model(kind: str, checkpoint_path: str | Path, ae_checkpoint: s
                        run_name=f"log-model-{name}")
 
 
-def load_model(uri: str) -> Any:
-    """`mlflow.pyfunc.load_model` on the configured tracking store, e.g. "models:/magicfuse@champion"."""
+def load_model(uri: str, *, model_config: Mapping[str, Any] | None = None) -> Any:
+    """`mlflow.pyfunc.load_model` on the configured tracking store, e.g. "models:/magicfuse@champion".
+    `model_config` reaches the wrapper's context, e.g. {"device": "cpu"} (default: CUDA when available)."""
     import mlflow
 
     if not os.environ.get("MLFLOW_TRACKING_URI") and mlflow.get_tracking_uri().startswith("file:"):
         configure()
     try:
-        return mlflow.pyfunc.load_model(uri)
+        return mlflow.pyfunc.load_model(uri, model_config=dict(model_config) if model_config else None)
     except Exception as exc:  # MlflowException, missing artifacts...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"cannot load MLflow model {uri!r}: {first}") from None

@@ -67,7 +67,8 @@ def test_cli_output_matches_the_api(tmp_path, pipeline_path, model):
 
     img = _img(30, 40, 5)
     write_png(tmp_path / "x.png", img)
-    assert _cli([str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--model", str(pipeline_path), "--seed", "7"]) == 0
+    assert _cli([str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--model", str(pipeline_path), "--seed", "7",
+                 "--device", "cpu"]) == 0
     (ref,) = model.fuse(img, seeds=[image_seed(7, "x")])
     np.testing.assert_array_equal(read_image(tmp_path / "o" / "x_magimg.png"), ref.magimg)
 

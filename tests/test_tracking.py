@@ -22,6 +22,8 @@ from magicfuse.training.ldm import sample_branch  # noqa: E402
 
 from conftest import sqlite_store  # noqa: E402
 
+CPU = {"device": "cpu"}  # outputs are compared with CPU references: pin the device (bf16 on CUDA)
+
 SAMPLER = {"steps": 2, "tau": 0.4, "thermal_classes": [1, 2]}
 
 
@@ -74,7 +76,7 @@ def _as_tensor(img: np.ndarray) -> torch.Tensor:
 def test_ae_model_round_trip_matches_the_network(parts):
     mv = tracking.log_component_model("ae", parts["ae"], example_hw=(16, 24))
     assert mv.name == "magicfuse-ae" and mv.tags["magicfuse.kind"] == "ae"
-    model = tracking.load_model(f"models:/magicfuse-ae/{mv.version}")
+    model = tracking.load_model(f"models:/magicfuse-ae/{mv.version}", model_config=CPU)
     sig = model.metadata.signature
     assert _spec(sig.inputs) == _spec(sig.outputs) == ("uint8", (-1, -1, -1, 3))
     assert model.metadata.get_input_schema() is not None
@@ -98,11 +100,12 @@ def test_branch_models_sample_deterministically(parts):
     assert ckg.name == "mf-ckg" and ckg.tags["origin"] == "test"
     assert ckg.tags["magicfuse.checkpoint_sha256"] and len(ckg.tags["magicfuse.checkpoint_sha256"]) == 64
 
-    m_ikr = tracking.load_model(f"models:/magicfuse-ikr/{ikr.version}")
-    m_ckg = tracking.load_model(f"models:/mf-ckg/{ckg.version}")
+    m_ikr = tracking.load_model(f"models:/magicfuse-ikr/{ikr.version}", model_config=CPU)
+    m_ckg = tracking.load_model(f"models:/mf-ckg/{ckg.version}", model_config=CPU)
     params = m_ikr.metadata.signature.params.to_dict()
     assert {p["name"]: p["default"] for p in params} == {"seed": 0, "steps": 2}
 
+    assert m_ikr.unwrap_python_model().device == torch.device("cpu")  # model_config reached the wrapper
     img = _image(24, 32, seed=3)
     restored = m_ikr.predict(img)
     assert restored.shape == (1, 24, 32, 3) and restored.dtype == np.uint8
@@ -173,7 +176,7 @@ def test_pipeline_model_registry_and_promotion(parts):
     with pytest.raises(tracking.TrackingError, match="metric 'eval.nope' not found"):
         tracking.promote_if_better(name, v1.version, metric="eval.nope")
 
-    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion", model_config=CPU)
     assert _spec(model.metadata.signature.inputs) == ("uint8", (-1, -1, -1, 3))
     img = _image(24, 36, seed=5)
     out = model.predict(img)
