@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from magicfuse.config import to_dict
+from magicfuse.data.classes import SEG_CLASS_WEIGHTS
 from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
 from magicfuse.diffusion.schedule import make_ddim_schedule
 from magicfuse.errors import ConfigError
@@ -84,9 +85,8 @@ class MKFTrainConfig(TrainConfig):
 
     @property
     def loss_weights(self) -> FusionLossWeights:
-        extra = {} if self.seg_class_weights is None else {"seg_class_weights": tuple(self.seg_class_weights)}
         return FusionLossWeights(contrast=self.w_contrast, texture=self.w_texture, cb=self.w_cb, cr=self.w_cr,
-                                 seg=self.w_seg, **extra)
+                                 seg=self.w_seg, seg_class_weights=tuple(self.seg_class_weights or SEG_CLASS_WEIGHTS))
 
     @property
     def sampler_settings(self) -> dict[str, Any]:
