@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -132,8 +133,10 @@ def test_msrs_real_test_split_with_boxes():
     b = s.boxes[0]
     assert b.cls == {0: 2, 1: 3, 2: 1}[cls] and b.source_class == MSRS_BOX_CLASSES[cls]
     assert b.x0 == pytest.approx((cx - bw / 2) * 640) and b.y1 == pytest.approx((cy + bh / 2) * 480)
-    # coarse labels from the boxes: box pixels carry the class, the rest is ignored
-    with pytest.warns(UserWarning):
+    # coarse labels from the boxes: box pixels carry the class, the rest is ignored (and no
+    # warning about the missing dense labels: the boxes stand in for them)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         r2 = open_reader("msrs", root, "test", boxes_dir=box_dir, labels_from_boxes=True)
     lab = r2["00012N"].label
     np.testing.assert_array_equal(lab, rasterize_boxes(s.boxes, 480, 640))
@@ -375,3 +378,39 @@ def test_rasterize_boxes_smaller_wins_and_pixel_centres():
     m = rasterize_boxes([Box(3, 2.1, 0, 2.3, 1, "bike")], 1, 6)
     assert m.tolist() == [[255, 255, 3, 255, 255, 255]]
     assert rasterize_boxes([], 2, 3).tolist() == [[255] * 3] * 2
+
+
+def test_msrs_fixed_split_lists_scale_and_background_labels(tmp_path):
+    """The real profile's reader: splits from msrs/splits/{train,val}.txt over the one test/
+    folder, boxes rasterised with background outside them, train frames shrunk by `scale`."""
+    root = need_shared("data", "msrs")
+    box_dir = need_shared("data", "msrs_detection_labels", "fusion", "test")
+    opts = dict(folder="test", names_file="splits/{split}.txt", boxes_dir=box_dir, labels_from_boxes=True,
+                unboxed="background")
+    listed = {s: [n.strip() for n in (root / "splits" / f"{s}.txt").read_text().splitlines() if n.strip()]
+              for s in ("train", "val")}
+    assert listed["train"] and listed["val"] and not set(listed["train"]) & set(listed["val"])  # premise
+    val = open_reader("msrs", root, "val", **opts)
+    assert val.keys() == sorted(listed["val"]) and val.split == "val"
+    key = next(k for k in val.keys() if (box_dir / f"{k}.txt").read_text().strip())
+    s = val[key]
+    assert s.split == "val" and s.visible.shape == (480, 640, 3)
+    np.testing.assert_array_equal(s.label, rasterize_boxes(s.boxes, 480, 640, ignore_unboxed=False))
+    assert not (s.label == IGNORE_INDEX).any() and (s.label == 0).mean() > 0.5
+    # scale 0.5: everything halves, boxes included; labels stay class ids
+    half = open_reader("msrs", root, "val", scale=0.5, **opts)[key]
+    assert half.visible.shape == (240, 320, 3) and half.infrared.shape == (240, 320) and half.label.shape == (240, 320)
+    assert half.boxes[0].x1 == pytest.approx(s.boxes[0].x1 / 2) and half.boxes[0].y0 == pytest.approx(s.boxes[0].y0 / 2)
+    assert set(np.unique(half.label)) <= set(np.unique(s.label))
+    assert abs(float(half.infrared.mean()) - float(s.infrared.mean())) < 1.0
+    # errors name the file and what is wrong
+    bad = tmp_path / "names.txt"
+    bad.write_text(f"{key}\nghost\n")
+    with pytest.raises(DataError, match=r"names\.txt.*'ghost'"):
+        open_reader("msrs", root, "val", **{**opts, "names_file": bad})
+    with pytest.raises(DataError, match="names file not found"):
+        open_reader("msrs", root, "val", **{**opts, "names_file": tmp_path / "none.txt"})
+    with pytest.raises(ConfigError, match="scale"):
+        open_reader("msrs", root, "val", scale=2.0, **opts)
+    with pytest.raises(ConfigError, match="unboxed"):
+        open_reader("msrs", root, "val", **{**opts, "unboxed": "sky"})

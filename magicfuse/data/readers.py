@@ -24,6 +24,7 @@ class table raise :class:`DataError` naming the file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import warnings
@@ -128,6 +129,8 @@ class Reader:
         *,
         on_missing: str = "error",
         on_size_mismatch: str = "error",
+        names_file: str | Path | None = None,
+        scale: float = 1.0,
     ) -> None:
         self.root = Path(root)
         self.split = str(split)
@@ -135,8 +138,14 @@ class Reader:
         self.on_size_mismatch = _choice("on_size_mismatch", on_size_mismatch, ("error", "resize"))
         if not self.root.is_dir():
             raise DataError(f"{self.root}: data set root folder not found")
+        if not (isinstance(scale, (int, float)) and 0.0 < float(scale) <= 1.0):
+            raise ConfigError(f"{self.kind} reader: scale must be in (0, 1], got {scale!r}")
+        self.scale = float(scale)
+        self.names_file = _resolve(self.root, str(names_file).replace("{split}", self.split)) if names_file else None
         self._skipped: list[str] = []
         entries = sorted(self._list(), key=lambda e: e.key)
+        if self.names_file is not None:
+            entries = self._keep_listed(entries, self.names_file)
         if self._skipped:
             shown = "; ".join(self._skipped[:5]) + (" ..." if len(self._skipped) > 5 else "")
             warnings.warn(
@@ -155,6 +164,22 @@ class Reader:
         self._valid[: len(self.label_classes)] = True
         self._valid[IGNORE_INDEX] = True
         self._lut = lut
+
+    def _keep_listed(self, entries: list[_Entry], list_file: Path) -> list[_Entry]:
+        """Only the pairs named in `list_file` (one key or file name per line; still in key order): a fixed split
+        such as MSRS's splits/train.txt. A listed name without a pair is missing."""
+        if not list_file.is_file():
+            raise DataError(f"{list_file}: names file not found")
+        names = [Path(n).stem if Path(n).suffix.lower() in IMAGE_EXTENSIONS else n
+                 for n in (line.strip() for line in list_file.read_text().splitlines()) if n]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})[:5]
+            raise DataError(f"{list_file}: names listed more than once: {dup}")
+        by_key = {e.key: e for e in entries}
+        for name in names:
+            if name not in by_key:
+                self._missing(list_file, f"lists {name!r}, which has no pair in {self._main_folder()}")
+        return sorted((by_key[n] for n in names if n in by_key), key=lambda e: e.key)  # key order, as always
 
     # -- to implement ------------------------------------------------------------------
 
@@ -260,6 +285,20 @@ class Reader:
     def _read_boxes(self, entry: _Entry, height: int, width: int) -> list[Box] | None:
         return None
 
+    def _rescale(self, visible, infrared, label, boxes):
+        """Everything of one sample shrunk by `scale` (area filter; labels nearest, boxes scaled)."""
+        h, w = visible.shape[:2]
+        nh, nw = max(1, round(h * self.scale)), max(1, round(w * self.scale))
+        visible = cv2.resize(visible, (nw, nh), interpolation=cv2.INTER_AREA)
+        if infrared is not None:
+            infrared = cv2.resize(infrared, (nw, nh), interpolation=cv2.INTER_AREA)
+        if label is not None:
+            label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST)
+        if boxes is not None:
+            sx, sy = nw / w, nh / h
+            boxes = [dataclasses.replace(b, x0=b.x0 * sx, x1=b.x1 * sx, y0=b.y0 * sy, y1=b.y1 * sy) for b in boxes]
+        return visible, infrared, label, boxes
+
     def _load(self, entry: _Entry) -> PairSample:
         visible, infrared = self._read_images(entry)
         h, w = visible.shape[:2]
@@ -282,6 +321,8 @@ class Reader:
                 )
         boxes = self._read_boxes(entry, h, w)
         label = self._label_fallback(label, boxes, h, w)
+        if self.scale != 1.0:
+            visible, infrared, label, boxes = self._rescale(visible, infrared, label, boxes)
         paths = {"visible": str(entry.visible)}
         if entry.infrared is not None:
             paths["infrared"] = str(entry.infrared)
@@ -297,13 +338,16 @@ class Reader:
 
 class _BoxLabelMixin:
     """Optional coarse labels from boxes (``labels_from_boxes=True``) when a sample has
-    boxes and no segmentation label; see :func:`rasterize_boxes`."""
+    boxes and no segmentation label; see :func:`rasterize_boxes`. Pixels outside every box
+    are ignored (``unboxed="ignore"``) or background (``unboxed="background"``, right when
+    the boxes cover every object of their classes, as the MSRS detection labels do)."""
 
     labels_from_boxes: bool = False
+    unboxed: str = "ignore"
 
     def _label_fallback(self, label, boxes, h, w):
         if label is None and self.labels_from_boxes and boxes is not None:
-            return rasterize_boxes(boxes, h, w, ignore_unboxed=True)
+            return rasterize_boxes(boxes, h, w, ignore_unboxed=self.unboxed == "ignore")
         return label
 
 
@@ -388,7 +432,9 @@ class _YoloBoxes:
 class MSRSReader(_BoxLabelMixin, _YoloBoxes, Reader):
     """MSRS: ``{split}/vi``, ``{split}/ir``, optional ``{split}/Segmentation_labels``
     (MFNet ids). ``boxes_dir`` points at YOLO box files ``{key}.txt`` (classes 0 person,
-    1 bicycle, 2 car); a key without a box file has no objects."""
+    1 bicycle, 2 car); a key without a box file has no objects. ``folder`` reads another
+    folder than ``split`` (e.g. splits ``train``/``val`` both from ``test/`` with
+    ``names_file: splits/{split}.txt``)."""
 
     kind = "msrs"
 
@@ -399,22 +445,28 @@ class MSRSReader(_BoxLabelMixin, _YoloBoxes, Reader):
         *,
         boxes_dir: str | Path | None = None,
         labels_from_boxes: bool = False,
+        unboxed: str = "ignore",
+        folder: str | None = None,
         require_labels: bool = False,
         **common,
     ) -> None:
         self.boxes_dir = _resolve(Path(root), boxes_dir)
         self.labels_from_boxes = labels_from_boxes
+        self.unboxed = _choice("unboxed", unboxed, ("ignore", "background"))
+        self.folder = folder or str(split)
         self.require_labels = require_labels
         if labels_from_boxes and boxes_dir is None:
             raise ConfigError("msrs reader: labels_from_boxes=True needs boxes_dir")
         super().__init__(root, split, **common)
 
     def _main_folder(self) -> Path:
-        return self.root / self.split / "vi"
+        return self.root / self.folder / "vi"
 
     def _list(self) -> list[_Entry]:
-        folder = _split_folder(self.root, self.split, self.kind)
-        label_dir = self._labels_folder(folder / "Segmentation_labels")
+        folder = _split_folder(self.root, self.folder, self.kind)
+        label_dir = folder / "Segmentation_labels"
+        # without dense labels, coarse ones come from the boxes: nothing to warn about then
+        label_dir = None if self.labels_from_boxes and not label_dir.is_dir() else self._labels_folder(label_dir)
         boxes = self._box_files(self.boxes_dir)
         entries = self._match(folder / "vi", folder / "ir", label_dir, boxes)
         if boxes is not None and entries and not any(e.boxes for e in entries):
@@ -465,10 +517,12 @@ class LLVIPReader(_BoxLabelMixin, Reader):
         *,
         annotations_dir: str | Path = "Annotations",
         labels_from_boxes: bool = False,
+        unboxed: str = "ignore",
         **common,
     ) -> None:
         self.annotations_dir = _resolve(Path(root), annotations_dir)
         self.labels_from_boxes = labels_from_boxes
+        self.unboxed = _choice("unboxed", unboxed, ("ignore", "background"))
         super().__init__(root, split, **common)
 
     def _main_folder(self) -> Path:
