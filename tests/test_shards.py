@@ -473,3 +473,25 @@ def test_several_sources_load_together(tmp_path, samples):
     assert manifest_hash([a, b]) != manifest_hash(a) and manifest_hash([a]) == manifest_hash(a)
     with pytest.raises(DataError, match="split 'val' not found"):
         make_loader([a, b], "val", batch_size=2)
+
+
+def test_with_meta_gives_the_boxes_and_recipe_of_real_pairs(tmp_path):
+    """The evaluation reads each sample's json record (boxes, degradation recipe) back."""
+    from magicfuse.data.readers import open_reader
+    from magicfuse.data.shards import ShardDataset
+
+    from conftest import need_shared
+
+    root = need_shared("data", "msrs")
+    boxes = need_shared("data", "msrs_detection_labels", "fusion", "test")
+    reader = open_reader("msrs", root, "val", folder="test", names_file="splits/{split}.txt", boxes_dir=boxes,
+                         labels_from_boxes=True, unboxed="background", scale=0.25)
+    write_shards(reader, tmp_path, split="val", cfg=ShardConfig(samples_per_shard=2, max_samples=3))
+    got = list(ShardDataset(tmp_path, "val", shuffle=False, members=("clean", "label"), with_meta=True))
+    assert [g["key"].split("-", 1)[1] for g in got] == reader.keys()[:3]
+    for g, key in zip(got, reader.keys()[:3]):
+        want = reader[key].boxes
+        assert [(b["cls"], b["x0"], b["y1"]) for b in g["meta"]["boxes"]] == [(b.cls, b.x0, b.y1) for b in want]
+        assert g["meta"]["recipe"] and all("name" in step for step in g["meta"]["recipe"])
+        assert g["clean"].shape == (120, 160, 3)
+    assert "meta" not in next(iter(ShardDataset(tmp_path, "val", shuffle=False, members=("clean",))))

@@ -675,6 +675,7 @@ class ShardDataset(IterableDataset):
         members: Sequence[str] = MEMBERS,
         shuffle_buffer: int = 64,
         skip_missing: bool = False,
+        with_meta: bool = False,
     ) -> None:
         super().__init__()
         self.shards = list_shards(shards_dir, split)
@@ -697,6 +698,7 @@ class ShardDataset(IterableDataset):
         self.members = tuple(members)
         self.shuffle_buffer = max(1, int(shuffle_buffer))
         self.skip_missing = bool(skip_missing)
+        self.with_meta = bool(with_meta)  # also decode the {key}.json record into out["meta"]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -736,6 +738,13 @@ class ShardDataset(IterableDataset):
                     return None
                 raise DataError(f"{where} has no {ext} member (drop {m!r} from members, or skip_missing=True)")
             out[m] = _decode_png(group[ext], m in ("clean", "degraded"), f"{where} {ext}")
+        if self.with_meta:
+            if "json" not in group:
+                raise DataError(f"{where} has no json member")
+            try:
+                out["meta"] = json.loads(group["json"])
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise DataError(f"{where}: json member is not valid JSON ({exc})") from None
         shapes = {m: out[m].shape[:2] for m in self.members if out[m] is not None}
         if len(set(shapes.values())) > 1:
             raise DataError(f"{where}: members differ in size {shapes}")
