@@ -40,7 +40,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ProcessPoolTaskRunner  # noqa: E402
 
 from magicfuse import pipeline, tracking  # noqa: E402
-from magicfuse.config import deep_merge, load_params  # noqa: E402
+from magicfuse.config import check_sections, deep_merge, load_params  # noqa: E402
 from magicfuse.errors import ConfigError  # noqa: E402
 
 RUN_ID_ENV = "MAGICFUSE_PIPELINE_RUN_ID"
@@ -57,6 +57,7 @@ def resolve_params(params_path: str = "params.yaml", profile: str | None = None,
     if overrides:
         if not isinstance(overrides, Mapping):
             raise ConfigError(f"flow parameter overrides must be a mapping, got {overrides!r}")
+        check_sections(overrides, "flow parameter overrides")
         params = deep_merge(params, overrides)
     return params
 
@@ -118,7 +119,15 @@ def train_ae_task(params: dict[str, Any]) -> dict[str, Any]:
 
 
 @task(name="train_ldm", task_run_name="train_{branch}", **_TASK)
-def train_ldm_task(params: dict[str, Any], branch: str) -> dict[str, Any]:
+def train_ldm_task(params: dict[str, Any], branch: str, share_cpu: int = 1) -> dict[str, Any]:
+    """`share_cpu` > 1: this many steps run at once on this machine, so on CPU each takes its
+    share of the cores (two processes with torch's default thread count each oversubscribe the
+    cores and both run several times slower)."""
+    if share_cpu > 1:
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // share_cpu))
     return pipeline.train_ldm(params, branch)
 
 
@@ -136,10 +145,7 @@ def evaluate_task(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sources(params: Mapping[str, Any]) -> list[str]:
-    sources = (params.get("shards") or {}).get("sources") or {}
-    if not isinstance(sources, Mapping) or not sources:
-        raise ConfigError("params.yaml:shards.sources must name at least one data source")
-    return list(sources)
+    return pipeline.active_sources(params)
 
 
 @flow(name="data", log_prints=True)
@@ -162,8 +168,8 @@ def train_flow(params_path: str = "params.yaml", profile: str | None = None,
     """train_ae -> train_ikr and train_ckg concurrently (two processes) -> train_mkf."""
     params = resolve_params(params_path, profile, overrides)
     ae = train_ae_task(params)
-    ikr = train_ldm_task.submit(params, "ikr")
-    ckg = train_ldm_task.submit(params, "ckg")
+    ikr = train_ldm_task.submit(params, "ikr", share_cpu=2)
+    ckg = train_ldm_task.submit(params, "ckg", share_cpu=2)
     branches = {"ikr": ikr.result(), "ckg": ckg.result()}
     mkf = train_mkf_task(params)
     return {"train_ae": ae, "train_ikr": branches["ikr"], "train_ckg": branches["ckg"], "train_mkf": mkf}

@@ -22,6 +22,22 @@ T = TypeVar("T")
 
 DEFAULT_PARAMS = Path("params.yaml")
 
+#: the top-level keys of a parameters file (and of a profile); anything else is a typo
+SECTIONS = ("profile", "device", "synthesize", "shards", "train_ae", "train_ikr", "train_ckg", "train_mkf",
+            "evaluate", "tracking")
+
+
+def check_sections(params: Mapping[str, Any], where: str) -> None:
+    """Reject top-level keys that are not sections (e.g. a misspelt `train_ikrr:`), which
+    would otherwise be ignored silently; `where` names the file or source in the error."""
+    import difflib
+
+    unknown = [k for k in params if k not in SECTIONS]
+    if unknown:
+        hints = {k: difflib.get_close_matches(str(k), SECTIONS, n=1) for k in unknown}
+        said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        raise ConfigError(f"{where}: unknown section(s) {said}; sections are {list(SECTIONS)}")
+
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """Return `base` with `over` merged in, recursively for nested mappings."""
@@ -48,6 +64,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, *, profile: str | None = None
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(params).__name__}")
+    check_sections(params, str(path))
     if profile is not None:
         params["profile"] = profile
     profile = params.get("profile", "tiny")
@@ -58,6 +75,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, *, profile: str | None = None
         over = yaml.safe_load(prof_path.read_text()) or {}
         if not isinstance(over, dict):
             raise ConfigError(f"{prof_path}: top level must be a mapping")
+        check_sections(over, str(prof_path))
         params = deep_merge(params, over)
     return params
 

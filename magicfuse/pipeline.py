@@ -50,11 +50,21 @@ class SourceConfig:
     root: str
     splits: tuple[str, ...] = ("train", "test")
     options: dict[str, Any] | None = None  # reader options (e.g. boxes_dir, on_missing)
+    split_options: dict[str, Any] | None = None  # {split: reader options} merged over `options`
+
+    def reader_options(self, split: str) -> dict[str, Any]:
+        extra = (self.split_options or {}).get(split) or {}
+        if not isinstance(extra, Mapping):
+            raise ConfigError(f"split_options.{split} must be a mapping of reader options, got {extra!r}")
+        unknown = sorted(set(self.split_options or {}) - set(self.splits))
+        if unknown:
+            raise ConfigError(f"split_options names split(s) {unknown} that are not in splits {list(self.splits)}")
+        return {**(self.options or {}), **extra}
 
 
 @dataclass(frozen=True)
 class ShardsStageConfig:
-    sources: dict[str, Any]
+    sources: dict[str, Any]  # name -> SourceConfig mapping; null disables a source (profiles)
     samples_per_shard: int = 256
     seed: int = 0
     max_samples: int | None = None
@@ -62,10 +72,19 @@ class ShardsStageConfig:
     out_dir: str = "artifacts/shards"
 
 
-def shard_dirs(params: Mapping[str, Any]) -> list[Path]:
-    """The shard folders of every configured source (what training reads)."""
+def active_sources(params: Mapping[str, Any]) -> list[str]:
+    """The names of the enabled `shards.sources` (a profile disables one by setting it to null)."""
     cfg = section(params, "shards", ShardsStageConfig)
-    return [Path(cfg.out_dir) / name for name in cfg.sources]
+    names = [name for name, src in cfg.sources.items() if src is not None]
+    if not names:
+        raise ConfigError("params.yaml:shards.sources must enable at least one data source")
+    return names
+
+
+def shard_dirs(params: Mapping[str, Any]) -> list[Path]:
+    """The shard folders of every enabled source (what training reads)."""
+    cfg = section(params, "shards", ShardsStageConfig)
+    return [Path(cfg.out_dir) / name for name in active_sources(params)]
 
 
 def _stage_reports(stage: str) -> Path:
@@ -115,11 +134,16 @@ def shards(params: Mapping[str, Any], source: str | None = None) -> dict[str, An
     from magicfuse.data.shards import ShardConfig, write_shards
 
     cfg = section(params, "shards", ShardsStageConfig)
-    names = [source] if source else list(cfg.sources)
+    names = [source] if source else active_sources(params)
     summary: dict[str, Any] = {}
     for name in names:
         if name not in cfg.sources:
             raise ConfigError(f"params.yaml:shards.sources has no source {name!r}; have {sorted(cfg.sources)}")
+        if cfg.sources[name] is None:
+            raise ConfigError(
+                f"shards.sources.{name} is disabled (null) by profile {params.get('profile')!r}; DVC's "
+                f"`shards@` stages iterate over params.yaml's own sources, so run this profile with "
+                f"`python -m flows.pipeline --profile {params.get('profile')}` (README, 'Profiles')")
         src = from_mapping(SourceConfig, cfg.sources[name], where=f"params.yaml:shards.sources.{name}")
         if not Path(src.root).exists():
             raise ConfigError(f"params.yaml:shards.sources.{name}.root: {src.root} does not exist "
@@ -129,7 +153,7 @@ def shards(params: Mapping[str, Any], source: str | None = None) -> dict[str, An
         with _stage_run(params, f"shards@{name}", {"shards": to_dict(cfg), "source": to_dict(src)}):
             per_split = {}
             for split in src.splits:
-                reader = open_reader(src.kind, src.root, split, **(src.options or {}))
+                reader = open_reader(src.kind, src.root, split, **src.reader_options(split))
                 res = write_shards(reader, out_dir, split=split, source_name=name, cfg=shard_cfg,
                                    degradation_cfg=cfg.degradation, progress=True)
                 per_split[split] = {"samples": res.num_samples, "shards": len(res.shards),

@@ -169,3 +169,113 @@ def test_pipeline_flow_end_to_end(prefect_harness, tmp_path, monkeypatch, pytest
     assert [str(v.version) for v in versions] == ["1"]
     assert str(client.get_model_version_by_alias("magicfuse", "champion").version) == "1"
     assert versions[0].run_id == by_name["evaluate"].info.run_id
+
+
+def test_real_profile_merges_to_valid_configs_and_disables_the_synthetic_source():
+    """profiles/real.yaml: the synthetic source is switched off, MSRS is read with the fixed split
+    lists, train frames at half size, and every section builds its typed config."""
+    from magicfuse import pipeline
+    from magicfuse.config import from_mapping, section
+    from magicfuse.evaluation.pipeline import EvaluateConfig
+    from magicfuse.models.presets import PRESETS
+    from magicfuse.training.ae import AETrainConfig
+    from magicfuse.training.ldm import LDMTrainConfig
+    from magicfuse.training.mkf import MKFTrainConfig
+
+    params = fp.resolve_params(str(REPO / "params.yaml"), profile="real")
+    assert params["shards"]["sources"]["synthetic"] is None
+    assert pipeline.active_sources(params) == ["msrs"]
+    assert pipeline.shard_dirs(params) == [Path(params["shards"]["out_dir"]) / "msrs"]
+    src = from_mapping(pipeline.SourceConfig, params["shards"]["sources"]["msrs"])
+    assert src.splits == ("train", "val")
+    assert src.reader_options("train")["scale"] == 0.5 and "scale" not in src.reader_options("val")
+    assert src.reader_options("val")["names_file"] == "splits/{split}.txt"
+    assert src.reader_options("val")["unboxed"] == "background"
+    for name, cls in (("train_ae", AETrainConfig), ("train_ikr", LDMTrainConfig), ("train_ckg", LDMTrainConfig),
+                      ("train_mkf", MKFTrainConfig)):
+        cfg = section(params, name, cls)
+        assert cfg.model in PRESETS
+    assert section(params, "train_ikr", LDMTrainConfig).eval_split == "val"
+    assert EvaluateConfig.from_mapping(params["evaluate"]).split == "val"
+    assert params["tracking"]["model_name"] != fp.resolve_params(str(REPO / "params.yaml"))["tracking"]["model_name"]
+    # the tiny default keeps its one synthetic source
+    assert pipeline.active_sources(fp.resolve_params(str(REPO / "params.yaml"))) == ["synthetic"]
+
+
+def test_disabled_source_and_bad_split_options_are_clear_errors(tmp_path):
+    from magicfuse import pipeline
+    from magicfuse.config import from_mapping
+
+    params = fp.resolve_params(str(REPO / "params.yaml"), profile="real")
+    with pytest.raises(ConfigError, match=r"shards.sources.synthetic is disabled.*flows.pipeline --profile real"):
+        pipeline.shards(params, "synthetic")
+    off = {**params, "shards": {**params["shards"], "sources": {"synthetic": None}}}
+    with pytest.raises(ConfigError, match="enable at least one data source"):
+        pipeline.active_sources(off)
+    src = from_mapping(pipeline.SourceConfig, {"kind": "msrs", "root": "x", "splits": ["train"],
+                                               "split_options": {"val": {"scale": 0.5}}})
+    with pytest.raises(ConfigError, match=r"split\(s\) \['val'\] that are not in splits"):
+        src.reader_options("train")
+
+
+@pytest.mark.slow  # ~3 min on 2 CPU cores: real 640x480 val frames, the authors' autoencoder
+def test_real_profile_end_to_end_on_shared_msrs(prefect_harness, tmp_path, monkeypatch, pytestconfig):
+    """The `real` profile, data to registered model, with a few steps on ../shared/data."""
+    import mlflow
+
+    from conftest import need_shared
+    from magicfuse.checkpoint import load_pipeline
+    from magicfuse.models.presets import PRESETS
+
+    msrs = need_shared("data", "msrs")
+    boxes = need_shared("data", "msrs_detection_labels", "fusion", "test")
+    ae = need_shared("weights", "official_ae.pth")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_store(tmp_path, pytestconfig))
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    monkeypatch.delenv("MAGICFUSE_PIPELINE_RUN_ID", raising=False)
+    few = {"steps": 2, "log_every": 1, "ckpt_every": 2}
+    overrides = {
+        "shards": {"max_samples": 4, "sources": {"msrs": {"root": str(msrs), "options": {"boxes_dir": str(boxes)}}}},
+        "train_ae": {**few, "init_from": str(ae), "batch_size": 1, "latent_stats_images": 2},
+        "train_ikr": {**few, "batch_size": 2, "eval_samples": 1, "eval_steps": 1},
+        "train_ckg": {**few, "batch_size": 2, "eval_samples": 1, "eval_steps": 1},
+        "train_mkf": {**few, "batch_size": 1, "sampler_steps": 2},
+        "evaluate": {"max_images": 1, "steps": 2, "taus": [0.4], "ablation_images": 1, "progress": False},
+    }
+    state = fp.magicfuse_pipeline(params_path=str(REPO / "params.yaml"), profile="real", overrides=overrides,
+                                  return_state=True)
+    assert state.is_completed(), state.message
+    modules, payload = load_pipeline(tmp_path / "artifacts" / "mkf" / "pipeline.pt")
+    assert modules["ikr"].config == PRESETS["ikr-small"][1] and modules["fusion"].config == PRESETS["fusion-small"][1]
+    assert not (tmp_path / "artifacts" / "shards" / "synthetic").exists()
+    shard_root = tmp_path / "artifacts" / "shards" / "msrs"
+    assert sorted(p.name for p in shard_root.iterdir() if p.is_dir()) == ["train", "val"]
+
+    import json
+
+    metrics = json.loads((tmp_path / "reports" / "evaluate" / "report" / "metrics.json").read_text())
+    assert metrics["settings"]["images"] == 1 and metrics["settings"]["captured_inputs"] is True
+    assert {"ssim_ckg", "ssim_grey_input", "captured"} <= set(metrics["ckg_infrared"])
+    objects = metrics["objects"]
+    assert objects["real infrared"]["person boxes"] + objects["real infrared"]["car boxes"] > 0
+    assert set(objects) >= {"visible (clean)", "CKG", "MagImg", "CKG (captured input)", "MagImg (captured input)"}
+    assert metrics["ikr_by_degradation"]["all"]["images"] == 1
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("magicfuse-real", "champion").version) == "1"
+
+
+def test_misspelt_sections_are_errors_in_files_profiles_and_overrides(tmp_path):
+    params = _write(tmp_path / "params.yaml", {"profile": "tiny", "train_ae": {"steps": 1}})
+    assert fp.resolve_params(str(params))["train_ae"] == {"steps": 1}  # premise: a good file loads
+    _write(tmp_path / "bad.yaml", {"train_ae": {"steps": 1}, "train_ikrr": {"steps": 5}})
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown section\(s\) 'train_ikrr' \(did you mean 'train_ikr'\?\)"):
+        fp.resolve_params(str(tmp_path / "bad.yaml"))
+    _write(tmp_path / "profiles" / "oops.yaml", {"evalute": {"max_images": 2}})
+    with pytest.raises(ConfigError, match=r"oops\.yaml: unknown section\(s\) 'evalute' \(did you mean 'evaluate'\?\)"):
+        fp.resolve_params(str(params), profile="oops")
+    with pytest.raises(ConfigError, match=r"overrides: unknown section\(s\) 'trainae'"):
+        fp.resolve_params(str(params), overrides=fp.parse_set(["trainae.steps=3"]))
+    # every section of the real files is known
+    for prof in (None, "paper", "real"):
+        fp.resolve_params(str(REPO / "params.yaml"), profile=prof)
