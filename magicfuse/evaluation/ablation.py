@@ -213,8 +213,13 @@ def sample_set(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Sequence
 
     Each image's noises come from `image_noises(key, seed)`, so results do not depend
     on the batch composition (up to float rounding of batched kernels) or order.
+    Big images run with the windowed attention `magicfuse fuse` uses on the same device
+    (`tiling.TilingBudget.for_device`; on CPU above 4,096 latent positions, e.g. 640x480):
+    global attention over a 640x480 latent costs minutes per image on a CPU.
     """
     import time
+
+    from magicfuse.tiling import TilingBudget, wrap_for_tiling
 
     _check_images(images, keys)
     if batch_size < 1:
@@ -229,7 +234,9 @@ def sample_set(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Sequence
         by_size.setdefault(tuple(np.asarray(img).shape[:2]), []).append(i)
     bar = _progress(n, desc or f"sample[{variant}, tau={tau:g}]", progress)
     t0 = time.perf_counter()
+    budget = TilingBudget.for_device(device)
     for (h, w), idx in by_size.items():
+        size_nets = wrap_for_tiling(vnets, (h, w), budget)
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
             x = torch.from_numpy(np.stack([np.asarray(images[i]) for i in chunk])).permute(0, 3, 1, 2)
@@ -238,7 +245,7 @@ def sample_set(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Sequence
             z_t = torch.cat([z for z, _, _ in noises]).to(device)
             ae_noise = torch.cat([a for _, a, _ in noises]).to(device)
             seg_noise = torch.cat([sn for _, _, sn in noises]).to(device) if with_seg else None
-            res = magicfuse_sample(vnets, x, steps=steps, tau=float(tau), thermal_classes=tuple(thermal_classes),
+            res = magicfuse_sample(size_nets, x, steps=steps, tau=float(tau), thermal_classes=tuple(thermal_classes),
                                    variant=variant, noise=z_t, ae_noise=ae_noise, seg_noise=seg_noise)
             fields = {
                 "magimg": to_uint8_rgb(res.magimg),

@@ -63,6 +63,7 @@ from magicfuse.evaluation.ablation import (
     visual_means,
 )
 from magicfuse.evaluation.metrics import METRIC_NAMES, rgb2gray
+from magicfuse.evaluation.objects import mean_box_contrast
 from magicfuse.io import write_json_atomic, write_text_atomic
 
 __all__ = ["EvaluateConfig", "EvalSet", "load_eval_set", "run_evaluation", "resolve_metric_path",
@@ -105,8 +106,12 @@ class EvaluateConfig:
       `SegformerProtocolConfig` fields (``device`` defaults to this config's; ``lr``
       and, for the 9 MFNet classes, ``class_weights`` default to `SEGFORMER_DEFAULTS`);
       ``segformer_train_split`` / ``segformer_train_images``: its training images.
+    * ``captured_inputs``: also run the sampler on the undegraded frames (for real data: the
+      images as captured, night frames being real low light) and score them too.
+    * ``contrast_classes``: {name: class id} whose box contrast (`evaluation.objects`) is
+      reported for every image set, when the shards hold boxes.
     * ``promotion``: {dotted path into the metrics: weight}; ``promotion_score`` is
-      the weighted sum. Default: the mIoU (%) of the SegFormer retrained on MagImgs,
+      the weighted sum (terms of weight 0 are dropped, neither computed nor required). Default: the mIoU (%) of the SegFormer retrained on MagImgs,
       plus 0.01 × the segmentation head's mIoU (%) as a tie-breaker.
     """
 
@@ -128,6 +133,8 @@ class EvaluateConfig:
     segformer_train_split: str = "train"
     segformer_train_images: int | None = 64
     grid_images: int = 4
+    captured_inputs: bool = False  # also sample the clean (as captured) visible frames and score them
+    contrast_classes: dict[str, int] = field(default_factory=lambda: {"person": 2, "car": 1})
     promotion: dict[str, float] = field(
         default_factory=lambda: {"semantic.MagImg.mIoU": 1.0, "semantic.Ours-S.mIoU": 0.01})
     device: str = "auto"
@@ -158,8 +165,8 @@ class EvaluateConfig:
             raise ConfigError(f"{where}.reference_visible must be 'clean' or 'degraded', got {self.reference_visible!r}")
         if self.grid_images < 0:
             raise ConfigError(f"{where}.grid_images must be >= 0, got {self.grid_images}")
-        if not self.promotion:
-            raise ConfigError(f"{where}.promotion: give at least one {{metric path: weight}}")
+        if not self.promotion or not any(w != 0 for w in self.promotion.values()):
+            raise ConfigError(f"{where}.promotion: give at least one {{metric path: non-zero weight}}")
         for path, w in self.promotion.items():
             if not isinstance(path, str) or len(path.split(".")) < 2:
                 raise ConfigError(f"{where}.promotion: {path!r} is not a dotted metric path like 'semantic.MagImg.mIoU'")
@@ -175,6 +182,12 @@ class EvaluateConfig:
             except RuntimeError as exc:
                 raise ConfigError(f"{where}.device: {self.device!r}: {exc}") from None
 
+    @property
+    def promotion_terms(self) -> dict[str, float]:
+        """The promotion terms with a non-zero weight (a profile drops a term of params.yaml by
+        giving it weight 0: the profile merge cannot delete keys)."""
+        return {p: float(w) for p, w in self.promotion.items() if w != 0}
+
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> "EvaluateConfig":
         return from_mapping(cls, mapping, "evaluate")
@@ -186,13 +199,17 @@ class EvaluateConfig:
 @dataclass
 class EvalSet:
     """Images of one split, uint8 numpy: ``degraded``/``clean`` (H,W,3), ``infrared`` and
-    ``label`` (H,W) (label 255 where unlabelled; infrared None when a sample has none)."""
+    ``label`` (H,W) (label 255 where unlabelled; infrared None when a sample has none);
+    ``boxes`` (the reader's boxes as dicts, None when the source has none) and
+    ``degradations`` (the names of the degradations applied to the input) per sample."""
 
     keys: list[str]
     degraded: list[np.ndarray]
     clean: list[np.ndarray]
     infrared: list[np.ndarray | None]
     label: list[np.ndarray]
+    boxes: list[list[dict[str, Any]] | None] = field(default_factory=list)
+    degradations: list[tuple[str, ...]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -202,6 +219,9 @@ class EvalSet:
 
     def has_infrared(self) -> bool:
         return all(ir is not None for ir in self.infrared)
+
+    def has_boxes(self) -> bool:
+        return any(b is not None for b in self.boxes)
 
 
 def load_eval_set(shards_dir: str | Path | Sequence[str | Path], split: str,
@@ -220,8 +240,12 @@ def load_eval_set(shards_dir: str | Path | Sequence[str | Path], split: str,
     out = EvalSet([], [], [], [], [])
     for d in present:
         for s in ShardDataset(d, split, shuffle=False, members=("clean", "degraded", "infrared", "label"),
-                              skip_missing=False):
+                              skip_missing=False, with_meta=True):
             out.keys.append(str(s["key"]))
+            meta = s["meta"]
+            out.boxes.append(meta.get("boxes"))
+            out.degradations.append(tuple(str(step.get("name", "?")) if isinstance(step, Mapping) else str(step)
+                                          for step in meta.get("recipe") or ()))
             out.degraded.append(s["degraded"])
             out.clean.append(s["clean"])
             out.infrared.append(s.get("infrared"))
@@ -268,6 +292,37 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Plain PSNR of two uint8 images, peak 255 (dB); inf if identical."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+def _ssim_to(images: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """Mean SSIM of each image against its reference (docs/METRICS.md's SSIM with A = B = the
+    reference is exactly ssim(image, reference))."""
+    return visual_means(images, reference, reference, ("SSIM",))["SSIM"]
+
+
+def _contrast_row(name: str, images: Sequence[np.ndarray], boxes: Sequence[Any],
+                  classes: Mapping[str, int]) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": name}
+    for cname, cls in classes.items():
+        value, count = mean_box_contrast(images, boxes, cls)
+        row[f"{cname} contrast"] = value
+        row[f"{cname} boxes"] = count
+    return row
+
+
+def _psnr_by_degradation(outputs: Sequence[np.ndarray], inputs: Sequence[np.ndarray],
+                         clean: Sequence[np.ndarray], kinds: Sequence[tuple[str, ...]]) -> list[dict[str, Any]]:
+    """IKR output and degraded input PSNR against the clean frame, per degradation (a
+    composite of several counts as "composite") and overall."""
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(kinds):
+        groups.setdefault(k[0] if len(k) == 1 else ("composite" if k else "none"), []).append(i)
+    rows = []
+    for name, idx in sorted(groups.items()) + [("all", list(range(len(clean))))]:
+        p_in = float(np.mean([_psnr(inputs[i], clean[i]) for i in idx]))
+        p_out = float(np.mean([_psnr(outputs[i], clean[i]) for i in idx]))
+        rows.append({"name": name, "images": len(idx), "input PSNR": p_in, "IKR PSNR": p_out, "gain": p_out - p_in})
+    return rows
 
 
 def _seg_row(name: str, scores: Mapping[str, Any]) -> dict[str, Any]:
@@ -390,7 +445,8 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
     labelled = test.has_labels()
     do_semantic = cfg.semantic and labelled
     # the promotion paths must be computable before spending minutes on sampling
-    for path in cfg.promotion:
+    promotion = cfg.promotion_terms
+    for path in promotion:
         if path.startswith("semantic.") and not labelled:
             raise ConfigError(f"evaluate.promotion uses {path!r} but split {cfg.split!r} has no labels")
         if path.startswith("semantic.") and not path.startswith(f"semantic.{ROW_OURS_S}.") and not cfg.semantic:
@@ -416,11 +472,41 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
         visual_rows.append({"name": BASELINE_ROWS.get(key, f"IR-VIS {key}"), INFRARED_FLAG: True,
                             **visual_means(fused, test.infrared, ref_vis, cfg.metrics)})
 
-    # ---- CKG infrared vs a grey copy of the input
-    psnr_ckg = [_psnr(c, ir) for c, ir in zip(main.ckg_ir, test.infrared)]
-    psnr_grey = [_psnr(_gray(d), ir) for d, ir in zip(test.degraded, test.infrared)]
-    ckg_ir = {"psnr_ckg_db": float(np.mean(psnr_ckg)), "psnr_grey_input_db": float(np.mean(psnr_grey))}
-    ckg_ir["gain_db"] = ckg_ir["psnr_ckg_db"] - ckg_ir["psnr_grey_input_db"]
+    # ---- the sampler on the frames as captured (no synthetic degradation)
+    captured = None
+    if cfg.captured_inputs:
+        captured = sample_set(nets, test.clean, test.keys, tau=tau, variant="full",
+                              desc=f"MagicFuse[{cfg.split}, as captured]", **sample_kw)
+        say(f"evaluate: sampled {len(test)} captured frames in {captured.seconds:.1f} s")
+        for name, imgs in (("IKR (captured input)", captured.ikr), ("CKG (captured input)", captured.ckg),
+                           ("MagImg (captured input)", captured.magimg)):
+            visual_rows.append({"name": name, **visual_means(imgs, test.infrared, ref_vis, cfg.metrics)})
+
+    # ---- CKG infrared vs a grey copy of the input (PSNR peak 255, SSIM as docs/METRICS.md)
+    def ckg_scores(run: SampleRun, inputs: Sequence[np.ndarray]) -> dict[str, float]:
+        grey = [_gray(d) for d in inputs]
+        out = {"psnr_ckg_db": float(np.mean([_psnr(c, ir) for c, ir in zip(run.ckg_ir, test.infrared)])),
+               "psnr_grey_input_db": float(np.mean([_psnr(g, ir) for g, ir in zip(grey, test.infrared)])),
+               "ssim_ckg": _ssim_to(run.ckg_ir, test.infrared), "ssim_grey_input": _ssim_to(grey, test.infrared)}
+        out["gain_db"] = out["psnr_ckg_db"] - out["psnr_grey_input_db"]
+        return out
+
+    ckg_ir = ckg_scores(main, test.degraded)
+    if captured is not None:
+        ckg_ir["captured"] = ckg_scores(captured, test.clean)
+
+    # ---- thermal objects: box contrast of every image set
+    object_rows: list[dict[str, Any]] = []
+    if test.has_boxes() and cfg.contrast_classes:
+        sets = [("visible (clean)", test.clean), (ROW_DEGRADED, test.degraded), ("real infrared", test.infrared),
+                (ROW_IKR, main.ikr), (ROW_CKG, main.ckg_ir), (ROW_MAGIMG, main.magimg)]
+        if captured is not None:
+            sets += [("CKG (captured input)", captured.ckg_ir), ("MagImg (captured input)", captured.magimg)]
+        object_rows = [_contrast_row(name, imgs, test.boxes, cfg.contrast_classes) for name, imgs in sets]
+
+    # ---- IKR per degradation kind (PSNR vs the clean frame)
+    ikr_rows = _psnr_by_degradation(main.ikr, test.degraded, test.clean, test.degradations) \
+        if len(test.degradations) == len(test) else []
 
     # ---- semantic table
     semantic_rows: list[dict[str, Any]] = []
@@ -442,6 +528,10 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
                         visible=ref_vis[:n_abl], labels=test.label[:n_abl] if labelled else None,
                         taus=cfg.taus, variants=cfg.ablations, tau=tau, metrics=cfg.sweep_metrics,
                         reuse={("full", tau): main}, **sample_kw)
+    if object_rows:  # the MagImg's thermal-object contrast along the τ sweep (eq. 11 should move it)
+        for t, row in abl.tau_curve.items():
+            for cname, cls in cfg.contrast_classes.items():
+                row[f"{cname} contrast"] = mean_box_contrast(abl.runs[("full", t)].magimg, test.boxes[:n_abl], cls)[0]
 
     # ---- grids
     grids = []
@@ -466,6 +556,7 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
         "checkpoint": str(ckpt), "split": cfg.split, "images": len(test), "steps": steps, "tau": tau,
         "thermal_classes": list(thermal), "seed": cfg.seed, "device": str(device),
         "reference_visible": cfg.reference_visible, "ablation_images": n_abl,
+        "captured_inputs": cfg.captured_inputs,
     }
     metrics: dict[str, Any] = {
         "visual": vis_json,
@@ -474,13 +565,15 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
         "ablation": {"models": table(abl.variant_rows)},
         "tau_curve": {f"{t:g}": dict(v) for t, v in abl.tau_curve.items()},
         "ckg_infrared": ckg_ir,
+        "objects": table(object_rows),
+        "ikr_by_degradation": table(ikr_rows),
         "settings": settings,
     }
     metrics = _json(metrics)
-    terms = {p: w * resolve_metric_path(metrics, p) for p, w in cfg.promotion.items()}
+    terms = {p: w * resolve_metric_path(metrics, p) for p, w in promotion.items()}
     score = float(sum(terms.values()))
     metrics["promotion_score"] = score if math.isfinite(score) else None
-    metrics["promotion"] = {"formula": " + ".join(f"{w:g} * {p}" for p, w in cfg.promotion.items()),
+    metrics["promotion"] = {"formula": " + ".join(f"{w:g} * {p}" for p, w in promotion.items()),
                             "terms": terms}
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
 
@@ -495,9 +588,13 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
         "visual metric sources": f"A = real infrared, B = {vis_label} (evaluate.reference_visible = "
                                  f"{cfg.reference_visible!r}); the degraded-input row is the input itself scored as F",
         "outputs to uint8": "rounded (the authors' code truncates)",
-        "CKG infrared PSNR (dB, peak 255, vs real infrared)":
-            f"CKG {ckg_ir['psnr_ckg_db']:.2f}; grey copy of the degraded input {ckg_ir['psnr_grey_input_db']:.2f}; "
-            f"gain {ckg_ir['gain_db']:+.2f}",
+        "CKG infrared vs real infrared (PSNR dB peak 255 / SSIM)":
+            f"CKG {ckg_ir['psnr_ckg_db']:.2f} / {ckg_ir['ssim_ckg']:.3f}; grey copy of the degraded input "
+            f"{ckg_ir['psnr_grey_input_db']:.2f} / {ckg_ir['ssim_grey_input']:.3f}; gain {ckg_ir['gain_db']:+.2f} dB"
+            + ("" if captured is None else
+               f"; captured input: CKG {ckg_ir['captured']['psnr_ckg_db']:.2f} / {ckg_ir['captured']['ssim_ckg']:.3f}, "
+               f"grey copy {ckg_ir['captured']['psnr_grey_input_db']:.2f} / "
+               f"{ckg_ir['captured']['ssim_grey_input']:.3f}"),
         "semantic protocol": (semantic_info.get("summary") or f"skipped: {semantic_info.get('skipped')}"),
         "ablation protocol": "Models I and II are INFERENCE-TIME ablations on the same trained weights "
                              "(Model I: zero zhat inputs to F; Model II: segmentation head output ignored); the "
@@ -509,7 +606,10 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
     }
     paths = write_report(out, visual_table=visual_rows, semantic_table=semantic_rows,
                          ablation_tables={"Models I-IV (Tables 6-7)": abl.variant_rows},
-                         tau_curve=abl.tau_curve, grids=grids, extra=extra)
+                         tau_curve=abl.tau_curve, grids=grids, extra=extra,
+                         tables={"Thermal objects: box contrast (box mean minus ring mean, in grey standard "
+                                 "deviations of the image)": object_rows,
+                                 "IKR: PSNR (dB) against the clean frame per degradation": ikr_rows})
     paths = _publish_figures(out, paths)
     write_json_atomic(paths["metrics"], metrics)  # the full nested metrics (a superset of the report's)
     say(f"evaluate: report in {out} ({metrics['seconds']:.1f} s), promotion_score = {metrics['promotion_score']}")

@@ -347,6 +347,7 @@ def write_report(out_dir: str | Path, *,
                  semantic_table: Sequence[Mapping[str, Any]] = (),
                  ablation_tables: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                  tau_curve: Mapping[Any, Mapping[str, Any]] | None = None,
+                 tables: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                  grids: Sequence[tuple[str, np.ndarray]] = (),
                  extra: Mapping[str, Any] | None = None,
                  title: str = "MagicFuse evaluation report",
@@ -356,7 +357,7 @@ def write_report(out_dir: str | Path, *,
     """Write the report files into `out_dir` (created if needed); return ``{key: path}``.
 
     Keys: "markdown", "html", "metrics", "visual_csv", "semantic_csv",
-    "ablation_csv:<name>", "tau_csv", "tau_json", "tau_plot", "grid:<NN>" (present
+    "ablation_csv:<name>", "table_csv:<name>" (the further `tables`, each under its own heading), "tau_csv", "tau_json", "tau_plot", "grid:<NN>" (present
     only for the parts that were given, except markdown/html/metrics, always written).
     Semantic rows are expected in percent (``SegResult.to_row``).
     """
@@ -364,6 +365,7 @@ def write_report(out_dir: str | Path, *,
     visual = _check_rows(visual_table, "visual")
     semantic = _check_rows(semantic_table, "semantic")
     ablations = {str(k): _check_rows(v, f"ablation {k}") for k, v in (ablation_tables or {}).items()}
+    further = {str(k): _check_rows(v, f"table {k}") for k, v in (tables or {}).items() if v}
     extra = dict(extra or {})
     paths: dict[str, Path] = {}
 
@@ -377,6 +379,10 @@ def write_report(out_dir: str | Path, *,
     for name, rows in ablations.items():
         key = f"ablation_csv:{name}"
         paths[key] = out / f"ablation_{_slug(name)}.csv"
+        write_text_atomic(paths[key], _csv_text(rows))
+    for name, rows in further.items():
+        key = f"table_csv:{name}"
+        paths[key] = out / f"table_{_slug(name)}.csv"
         write_text_atomic(paths[key], _csv_text(rows))
 
     tau_recs: list[dict[str, Any]] = []
@@ -410,6 +416,8 @@ def write_report(out_dir: str | Path, *,
         metrics["semantic"] = _table_json(semantic)
     if ablations:
         metrics["ablation"] = {k: _table_json(v) for k, v in ablations.items()}
+    if further:
+        metrics["tables"] = {k: _table_json(v) for k, v in further.items()}
     if extra:
         metrics["extra"] = _json_value(extra)
     paths["metrics"] = out / "metrics.json"
@@ -452,6 +460,8 @@ def write_report(out_dir: str | Path, *,
         section("Semantic quality (SegFormer retrained per image set; IoU in %)", [], semantic, semantic_format)
     for name, rows in ablations.items():
         section(f"Ablation: {name}", [], rows, ablation_format)
+    for name, rows in further.items():
+        section(name, [], rows, visual_format)
     if tau_recs:
         tau_rows = [{"name": format_value(r["tau"], "{:g}"), **{m: r.get(m) for m in tau_metrics}} for r in tau_recs]
         section("Threshold τ sweep", ["Metrics against the radiation threshold τ (eq. 11)."], tau_rows,
