@@ -10,6 +10,7 @@ Each configuration runs in a fresh subprocess so that its peak RSS is its own.
     .venv/bin/python benchmarks/bench_fuse.py [--steps 4] [--images 2]
     .venv/bin/python benchmarks/bench_fuse.py --steps 25 --sizes 480x640 --tiles auto,0   # windows vs global
     .venv/bin/python benchmarks/bench_fuse.py --paper --device cuda   # paper nets, bf16 + compile, batch 1 and 4
+    .venv/bin/python benchmarks/bench_fuse.py --model artifacts/mkf/pipeline.pt --sizes 480x640  # a trained model
 
 Prints a table: device, profile, size, tile setting, batch, steps, images/s, s/image, peak memory,
 and — when several ``--tiles`` are given — the mean / max absolute difference (grey levels) of each
@@ -135,6 +136,9 @@ def main() -> None:
     ap.add_argument("--tiles", default="auto",
                     help="comma list of tile settings: auto (the device's budget), 0 (global attention, no "
                          "tiling) or N (attention windows of N latent pixels); default auto")
+    ap.add_argument("--model", default=None,
+                    help="a trained pipeline checkpoint (e.g. artifacts/mkf/pipeline.pt of the real profile) "
+                         "instead of random tiny/paper networks; its own sampler steps unless --steps")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -142,7 +146,15 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))))
         return
     profile = "paper" if args.paper else "tiny"
-    steps = args.steps or (25 if args.paper else 4)
+    if args.model:
+        if not Path(args.model).is_file():
+            raise SystemExit(f"--model: {args.model}: no such pipeline checkpoint")
+        from magicfuse.checkpoint import load_pipeline
+
+        profile = Path(args.model).name
+        steps = args.steps or int(load_pipeline(args.model, map_location="cpu")[1]["sampler"]["steps"])
+    else:
+        steps = args.steps or (25 if args.paper else 4)
     sizes = args.sizes or ("480x640" if args.paper else "480x640,1024x2048")
     sizes = [tuple(int(v) for v in s.split("x")) for s in sizes.split(",")]
     batches = [int(b) for b in (args.batches or ("1,4" if args.paper else "1")).split(",")]
@@ -153,8 +165,11 @@ def main() -> None:
     compile_ = args.paper and not args.no_compile
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / f"pipeline-{profile}.pt"
-        _build_pipeline(model, profile)
+        if args.model:
+            model = Path(args.model).resolve()
+        else:
+            model = Path(tmp) / f"pipeline-{profile}.pt"
+            _build_pipeline(model, profile)
         for size, batch in itertools.product(sizes, batches):
             first_out = None
             for tile in tiles:
