@@ -392,8 +392,8 @@ def add_cli(subparsers: Any) -> None:
                    help=f"reject images with more pixels (default {DEFAULT_MAX_PIXELS:.0e})")
     p.add_argument("--tile", type=int, default=None,
                    help="attention window size in latent pixels, used for every image (default: automatic — "
-                        "global attention up to 32,768 latent pixels on a GPU, 4,096 on the CPU, windows of 64 "
-                        "above; networks and autoencoder tiled only beyond 16.8 MP); 0 = never window or tile")
+                        "global attention up to 32,768 latent pixels on a GPU (then windows of 64), 4,096 on the "
+                        "CPU (then windows of 32); networks and autoencoder tiled only beyond 16.8 MP); 0 = never window or tile")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
