@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -145,6 +146,18 @@ def stage_run(stage: str, *, params: Mapping[str, Any] | None = None,
         yield run
 
 
+_BAD_METRIC_CHARS = re.compile(r"[^A-Za-z0-9\-.:/]+")  # "_" included, so runs collapse to one
+
+
+def metric_key(name: str) -> str:
+    """`name` as a valid MLflow metric key: spaces and every character MLflow refuses
+    (anything but alphanumerics, ``_ - . : /``) become one ``_``, with none left at the
+    edges of a dotted part: ``"eval.visual.IKR (captured input).EN"`` →
+    ``"eval.visual.IKR_captured_input.EN"``."""
+    key = _BAD_METRIC_CHARS.sub("_", name)
+    return ".".join(part.strip("_") or "_" for part in key.split("."))
+
+
 class MetricLogger:
     """Callable `(metrics, step)` that logs finite values to the active MLflow run."""
 
@@ -154,7 +167,7 @@ class MetricLogger:
     def __call__(self, metrics: Mapping[str, float], step: int) -> None:
         import mlflow
 
-        clean = {f"{self.prefix}{k}": float(v) for k, v in metrics.items()
+        clean = {metric_key(f"{self.prefix}{k}"): float(v) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and math.isfinite(float(v))}
         if clean:
             mlflow.log_metrics(clean, step=int(step))
@@ -172,7 +185,7 @@ def log_metrics(metrics: Mapping[str, Any], *, prefix: str = "", step: int | Non
             if isinstance(v, Mapping):
                 walk(v, f"{key}.")
             elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
-                flat[key.replace(" ", "_")] = float(v)
+                flat[metric_key(key)] = float(v)
 
     walk(metrics, prefix)
     if flat:

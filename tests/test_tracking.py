@@ -198,10 +198,11 @@ def test_pipeline_and_stage_runs_nest(store, tmp_path):
         with tracking.stage_run("train_ae", params={"train_ae": {"steps": 3, "lr": 1e-3}}) as run:
             tracking.MetricLogger("train/")({"loss": 0.25, "bad": float("nan")}, step=2)
             tracking.log_metrics({"final": {"psnr": 21.5, "label": "x"}})
+            tracking.log_metrics({"visual": {"IKR (captured input)": {"EN": 7.5}}}, prefix="eval.")
     tracking.end_pipeline_run("FINISHED", run_id=run_id)
     client = mlflow.MlflowClient()
     child = client.get_run(run.info.run_id)
     assert child.data.tags["mlflow.parentRunId"] == run_id
     assert child.data.params["train_ae.steps"] == "3"
-    assert child.data.metrics == {"train/loss": 0.25, "final.psnr": 21.5}
+    assert child.data.metrics == {"train/loss": 0.25, "final.psnr": 21.5, "eval.visual.IKR_captured_input.EN": 7.5}
     assert client.get_run(run_id).info.status == "FINISHED"
