@@ -305,8 +305,9 @@ def test_autoencoder_outputs_and_logger(shards, tmp_path):
 
 
 def test_autoencoder_latent_standardisation(shards, tmp_path):
-    """latent_stats_images > 0: the exported AE encodes its training images to latents of
-    mean 0 and std 1 and reconstructs exactly what the raw AE reconstructs."""
+    """latent_stats_images > 0: the exported AE encodes its training images to latents whose
+    channels have mean 0 and whose spread is 1 overall, and reconstructs exactly what the raw
+    AE reconstructs."""
     base = {"steps": 2, "batch_size": 2, "crop": 16, "log_every": 1, "ckpt_every": 10, "device": "cpu",
             "progress": False}
     raw = train_autoencoder(from_mapping(AETrainConfig, base), shards, tmp_path / "raw")
@@ -318,10 +319,24 @@ def test_autoencoder_latent_standardisation(shards, tmp_path):
     x = next(iter(make_loader(shards, "train", batch_size=8, crop=None, shuffle=False, members=("clean",))))["clean"]
     with torch.no_grad():
         z_raw, z = ae_raw.encode(x, noise_scale=0.0), ae_std.encode(x, noise_scale=0.0)
-        torch.testing.assert_close(z, (z_raw - ae_std.config.latent_shift) / ae_std.config.latent_scale)
+        shift = torch.tensor(ae_std.config.latent_shift).view(1, -1, 1, 1)
+        assert shift.shape[1] == ae_std.config.latent_channels
+        torch.testing.assert_close(z, (z_raw - shift) / ae_std.config.latent_scale)
         torch.testing.assert_close(ae_std.decode(z), ae_raw.decode(z_raw), atol=1e-5, rtol=1e-5)
+    # the statistics are the raw channel means and the RMS spread around them, over the first
+    # 8 train frames, visible and infrared (replicated to 3 channels), encoded without noise
+    with torch.no_grad():
+        frames = make_loader(shards, "train", batch_size=1, crop=None, shuffle=False, members=("clean", "infrared"))
+        zs = [ae_raw.encode(b[m].expand(-1, 3, -1, -1), noise_scale=0.0).double()
+              for _, b in zip(range(8), frames) for m in ("clean", "infrared")]
+    flat = torch.cat([q.permute(1, 0, 2, 3).reshape(q.shape[1], -1) for q in zs], dim=1)
+    mean = flat.mean(dim=1)
+    assert float(mean.std()) > 1e-3  # premise: the raw channels' means differ
+    torch.testing.assert_close(torch.tensor(ae_std.config.latent_shift, dtype=torch.float64), mean, atol=1e-6, rtol=1e-5)
+    assert ae_std.config.latent_scale == pytest.approx(float((flat - mean[:, None]).pow(2).mean().sqrt()), rel=1e-5)
     # the statistics cover visible and infrared; the visible part alone is near, not at, 0/1
-    assert abs(float(z.mean())) < 1.0 and 0.3 < float(z.std()) < 3.0
+    centred = z - z.mean(dim=(0, 2, 3), keepdim=True)
+    assert 0.3 < float(centred.pow(2).mean().sqrt()) < 3.0
 
 
 @pytest.mark.needs_shared

@@ -48,9 +48,12 @@ class AutoEncoderConfig:
     # Latent standardisation (LDM's "scale factor", plus a shift): encode returns
     # (z_raw - latent_shift) / latent_scale and decode undoes it, so the denoisers see
     # latents of about zero mean and unit variance, the signal-to-noise ratio the noise
-    # schedule assumes. The AE trainer measures both on its training images (visible and
-    # infrared) after training; 0 / 1 (the authors' AE) leave the latents as they are.
-    latent_shift: float = 0.0
+    # schedule assumes. The shift is one value or one per latent channel (the AE trainer
+    # measures the channel means: the authors' AE has channels whose means differ by more
+    # than their spread, and a single shift/scale left its content at 0.35 of unit
+    # variance); the scale is one value (the RMS spread around those means). 0 / 1 (the
+    # authors' AE) leave the latents as they are.
+    latent_shift: float | tuple[float, ...] = 0.0
     latent_scale: float = 1.0
 
     def __post_init__(self) -> None:
@@ -58,6 +61,17 @@ class AutoEncoderConfig:
             raise ConfigError(f"AutoEncoderConfig.norm must be 'instance' or 'none', got {self.norm!r}")
         if not self.latent_scale > 0:
             raise ConfigError(f"AutoEncoderConfig.latent_scale must be > 0, got {self.latent_scale!r}")
+        if isinstance(self.latent_shift, (tuple, list)):
+            if len(self.latent_shift) != self.latent_channels:
+                raise ConfigError(f"AutoEncoderConfig.latent_shift: {len(self.latent_shift)} per-channel values "
+                                  f"for {self.latent_channels} latent channels")
+            object.__setattr__(self, "latent_shift", tuple(float(v) for v in self.latent_shift))
+
+    def shift_for(self, z: torch.Tensor) -> torch.Tensor | float:
+        """`latent_shift` broadcastable against a (B,C,h,w) latent `z`."""
+        if isinstance(self.latent_shift, tuple):
+            return torch.tensor(self.latent_shift, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+        return self.latent_shift
 
 
 def _norm(channels: int, norm: str) -> nn.Module:
@@ -175,7 +189,7 @@ class AutoEncoder(nn.Module):
         """
         self._check_image(x)
         raw = self.encoder(x, self.make_noise(x, noise, generator, noise_scale)) * 2.0 - 1.0
-        return (raw - self.config.latent_shift) / self.config.latent_scale  # exact no-op for 0 / 1
+        return (raw - self.config.shift_for(raw)) / self.config.latent_scale  # exact no-op for 0 / 1
 
     def make_noise(self, x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None,
                    noise_scale: float | None = None, *, where: str = "AutoEncoder.encode") -> Tensor:
@@ -200,7 +214,7 @@ class AutoEncoder(nn.Module):
         c = cfg.latent_channels
         if z.ndim != 4 or z.shape[1] != c:
             raise DataError(f"AutoEncoder.decode: expected a latent batch (B,{c},h,w), got shape {tuple(z.shape)}")
-        z = z * cfg.latent_scale + cfg.latent_shift
+        z = z * cfg.latent_scale + cfg.shift_for(z)
         return self.decoder(((z + 1.0) / 2.0).clamp(0.0, 1.0))
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,

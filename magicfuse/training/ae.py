@@ -97,9 +97,12 @@ def ae_loss(model: nn.Module, batch: dict[str, Any], generator: torch.Generator,
 
 @torch.no_grad()
 def latent_stats(ae: nn.Module, shards_dir: str | Path, split: str, members: tuple[str, ...],
-                 max_images: int) -> tuple[float, float]:
-    """(mean, std) of the raw, noise-free latents of the first `max_images` full frames of
-    `split` (every member in `members`, infrared replicated to 3 channels)."""
+                 max_images: int) -> tuple[tuple[float, ...], float]:
+    """(per-channel means, scale) of the raw, noise-free latents of the first `max_images`
+    full frames of `split` (every member in `members`, infrared replicated to 3 channels).
+    The scale is the RMS deviation from those means over all channels, so the standardised
+    latents have zero-mean channels and unit variance overall (a near-constant channel
+    stays near 0 instead of being blown up to unit variance)."""
     from magicfuse.data.shards import make_loader
 
     raw = dataclasses.replace(ae.config, latent_shift=0.0, latent_scale=1.0)
@@ -107,7 +110,8 @@ def latent_stats(ae: nn.Module, shards_dir: str | Path, split: str, members: tup
     device = next(ae.parameters()).device
     was_training = ae.training
     ae.eval()
-    total = total_sq = count = 0.0
+    total = total_sq = None
+    count = 0
     try:
         loader = make_loader(shards_dir, split, batch_size=1, crop=None, num_workers=0, shuffle=False, members=members)
         for n, batch in enumerate(loader):
@@ -115,17 +119,19 @@ def latent_stats(ae: nn.Module, shards_dir: str | Path, split: str, members: tup
                 break
             for m in members:
                 z = ae.encode(batch[m].to(device).expand(-1, 3, -1, -1), noise_scale=0.0).double()
-                total += float(z.sum())
-                total_sq += float(z.pow(2).sum())
-                count += z.numel()
+                s1, s2 = z.sum(dim=(0, 2, 3)).cpu(), z.pow(2).sum(dim=(0, 2, 3)).cpu()
+                total = s1 if total is None else total + s1
+                total_sq = s2 if total_sq is None else total_sq + s2
+                count += z.numel() // z.shape[1]
     finally:
         ae.config = saved
         ae.train(was_training)
     if count == 0:
         raise TrainingError(f"{shards_dir}: split {split!r} has no images to measure the latent statistics on")
     mean = total / count
-    std = max((total_sq / count - mean * mean), 1e-12) ** 0.5
-    return float(mean), float(std)
+    var = (total_sq / count - mean * mean).clamp_min(0.0)
+    scale = max(float(var.mean()), 1e-12) ** 0.5
+    return tuple(float(v) for v in mean), scale
 
 
 def train_autoencoder(cfg: AETrainConfig, shards_dir: str | Path, out_dir: str | Path, *,
