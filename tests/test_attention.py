@@ -84,17 +84,24 @@ def test_networks_take_the_window_and_stay_exact_when_it_covers_the_map():
     torch.manual_seed(0)
     unet = build_model("unet", "ikr-tiny").eval()
     fusion = build_model("fusion", "fusion-tiny").eval()
+    with torch.no_grad():  # the UNet's output convolutions start at zero: give every weight a value
+        for p in unet.parameters():
+            if not p.abs().any():
+                p.normal_(0.0, 0.05)
     z = torch.randn(1, 8, 24, 32)
+    big = torch.randn(1, 8, 64, 64)  # ikr-tiny attends at 1/4: a 16x16 map, larger than the small window
     t = torch.tensor([500])
     seg = torch.randn(1, fusion.config.num_classes, 24, 32)
     covering = AttentionWindow(max_tokens=0, tile=32, overlap=4)
     small = AttentionWindow(max_tokens=0, tile=8, overlap=2, halo=2)
     with torch.no_grad():
+        assert float(unet(z, t, z).abs().mean()) > 1e-3  # premise: the output depends on the weights
         for out in (lambda win: unet(z, t, z, attn_window=win),
                     lambda win: fusion(z, z, z, z, z, t, seg, attn_window=win).w):
             plain = out(None)
             assert torch.equal(out(covering), plain)
             windowed = out(small)
             assert windowed.shape == plain.shape and bool(torch.isfinite(windowed).all())
-    with torch.no_grad():  # the fusion net attends over the whole 24×32 map: small windows change it
+        # small windows change what a map larger than them attends to, in both networks
+        assert not torch.allclose(unet(big, t, big, attn_window=small), unet(big, t, big))
         assert not torch.allclose(fusion(z, z, z, z, z, t, seg, attn_window=small).w, fusion(z, z, z, z, z, t, seg).w)

@@ -114,8 +114,11 @@ def test_haze_with_given_depth(image):
     zero = np.zeros(image.shape[:2], np.float32)
     out, recipe = degrade(image, 0, kinds=["haze"], composite_prob=0.0, depth=zero)
     assert recipe[0]["depth"] == "given"
-    if recipe[0]["lum_weight"] == 0.0:
-        assert np.array_equal(out, image)  # depth 0 everywhere: t = 1, nothing changes
+    # depth 0 everywhere and no darker-is-farther term: t = 1, nothing changes
+    no_lum = [{**recipe[0], "lum_weight": 0.0}]
+    assert np.array_equal(apply_recipe(image, no_lum, depth=zero), image)
+    if recipe[0]["lum_weight"] > 0:  # the drawn recipe adds depth from luminance: the image changes
+        assert not np.array_equal(out, image)
     ramp = np.tile(np.linspace(0, 1, image.shape[1], dtype=np.float32), (image.shape[0], 1))
     out, recipe = degrade(image, 1, kinds=["haze"], composite_prob=0.0, depth=ramp)
     assert apply_recipe(image, recipe, depth=ramp).tobytes() == out.tobytes()
