@@ -55,6 +55,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from magicfuse.data.classes import THERMAL_CLASSES
 from magicfuse.errors import CheckpointError, DataError, MagicFuseError
 
 OUTPUTS: tuple[str, ...] = ("magimg", "ikr", "ckg", "seg")
@@ -284,7 +285,7 @@ class MagicFuse:
         sampler = dict(sampler or {})
         self.steps = int(sampler.get("steps", 25))
         self.tau = float(sampler.get("tau", 0.4))
-        self.thermal_classes = tuple(int(c) for c in sampler.get("thermal_classes", (2,)))
+        self.thermal_classes = tuple(int(c) for c in sampler.get("thermal_classes", THERMAL_CLASSES))
         self.variant = str(sampler.get("variant", "full"))
         if amp not in ("auto", "bf16", "fp32"):
             raise DataError(f"amp must be auto, bf16 or fp32, got {amp!r}")

@@ -274,9 +274,12 @@ def _sample_both(budget: TilingBudget):
     nets = MagicFuseNets(m["ae"], m["ikr"], m["ckg"], m["fusion"])
     x = _gradient(256, 320)
     wrapped = wrap_for_tiling(nets, (256, 320), budget)
+    # person only as the thermal class: the random head calls many pixels car, and a pixel whose
+    # argmax flips under windowing jumps between capped and uncapped w (the figures below)
+    kw = dict(steps=2, thermal_classes=(2,))
     with torch.no_grad():
-        a = magicfuse_sample(nets, x, steps=2, generator=torch.Generator().manual_seed(0))
-        b = magicfuse_sample(wrapped, x, steps=2, generator=torch.Generator().manual_seed(0))
+        a = magicfuse_sample(nets, x, generator=torch.Generator().manual_seed(0), **kw)
+        b = magicfuse_sample(wrapped, x, generator=torch.Generator().manual_seed(0), **kw)
     return wrapped, a, b
 
 

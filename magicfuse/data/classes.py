@@ -21,6 +21,10 @@ MFNET_CLASSES: tuple[str, ...] = (
 )
 NUM_CLASSES = len(MFNET_CLASSES)
 CLASS_ID = {name: i for i, name in enumerate(MFNET_CLASSES)}
+# The thermal classes of eq. 11 (the radiation threshold caps w on their pixels): car and
+# person, as the paper says. The authors' code uses person only; their imported checkpoints
+# carry that choice in their sampler settings (`models.importer.OFFICIAL_SAMPLER`).
+THERMAL_CLASSES: tuple[int, ...] = (CLASS_ID["car"], CLASS_ID["person"])
 
 # Colours for visualising segmentation maps (RGB), one per MFNet class.
 MFNET_PALETTE: tuple[tuple[int, int, int], ...] = (

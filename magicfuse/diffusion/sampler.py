@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from magicfuse.data.classes import THERMAL_CLASSES
 from magicfuse.diffusion.schedule import DDIMSchedule, ddim_step, eps_from_v, make_ddim_schedule, predict_x0
 from magicfuse.errors import ConfigError, DataError
 from magicfuse.models.unet import prediction_of
@@ -248,7 +249,7 @@ def magicfuse_sample(
     *,
     steps: int = 25,
     tau: float = 0.4,
-    thermal_classes: Sequence[int] = (2,),
+    thermal_classes: Sequence[int] = THERMAL_CLASSES,
     variant: Variant = "full",
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from magicfuse.data.classes import IGNORE_INDEX, MFNET_CLASSES, NUM_CLASSES
+from magicfuse.data.classes import IGNORE_INDEX, MFNET_CLASSES, NUM_CLASSES, THERMAL_CLASSES
 from magicfuse.diffusion.sampler import VARIANTS, MagicFuseNets, magicfuse_sample, required_multiple
 from magicfuse.errors import ConfigError, DataError
 from magicfuse.evaluation.metrics import compute_metrics_batch
@@ -349,7 +349,7 @@ def run_ablations(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Seque
                   labels: Sequence[np.ndarray] | None = None,
                   taus: Iterable[float] = (0.0, 0.2, 0.4, 0.6, 0.8),
                   variants: Iterable[str] = ABLATION_VARIANTS,
-                  steps: int = 25, tau: float = 0.4, thermal_classes: Sequence[int] = (1, 2),
+                  steps: int = 25, tau: float = 0.4, thermal_classes: Sequence[int] = THERMAL_CLASSES,
                   seed: int = 0, batch_size: int = 8, device: str | torch.device = "cpu",
                   metrics: Sequence[str] = ("EN", "SSIM", "MI", "Qabf", "PSNR"),
                   conventions: Any = "reference",

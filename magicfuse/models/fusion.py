@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from magicfuse.data.classes import THERMAL_CLASSES
 from magicfuse.errors import ConfigError, DataError
 from magicfuse.models.attention import AttentionWindow, spatial_attention
 
@@ -204,7 +205,7 @@ def thermal_mask(seg_logits: torch.Tensor, thermal_classes: Sequence[int]) -> to
 def radiation_weight(
     w: torch.Tensor,
     seg_logits: torch.Tensor | None,
-    thermal_classes: Sequence[int] = (2,),
+    thermal_classes: Sequence[int] = THERMAL_CLASSES,
     tau: float = 0.4,
 ) -> torch.Tensor:
     """Eq. 11: w^r = M·min(w, τ) + (1−M)·w, M = [argmax(seg) ∈ thermal_classes].

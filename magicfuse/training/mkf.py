@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from magicfuse.config import to_dict
-from magicfuse.data.classes import SEG_CLASS_WEIGHTS
+from magicfuse.data.classes import SEG_CLASS_WEIGHTS, THERMAL_CLASSES
 from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
 from magicfuse.diffusion.schedule import make_ddim_schedule
 from magicfuse.errors import ConfigError
@@ -62,7 +62,7 @@ class MKFTrainConfig(TrainConfig):
     ema_decay: float = 0.0
     sampler_steps: int = 25
     tau: float = 0.4
-    thermal_classes: tuple[int, ...] = (1, 2)  # car, person (the paper); the authors' code uses (2,)
+    thermal_classes: tuple[int, ...] = THERMAL_CLASSES  # car, person (the paper); the authors' code uses (2,)
     variant: Literal["full", "model1", "model2", "model3"] = "full"
     w_contrast: float = 6.0
     w_texture: float = 10.0
