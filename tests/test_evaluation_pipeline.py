@@ -265,3 +265,32 @@ def test_resolve_metric_path():
     assert resolve_metric_path(m, "tau_curve.0.4.EN") == 3.0  # keys containing dots
     with pytest.raises(ConfigError, match="available"):
         resolve_metric_path(m, "semantic.MagImg.mIoU")
+
+
+def test_ckg_ssim_is_wangs_8bit_ssim():
+    """The CKG-vs-infrared SSIM is Wang et al.'s SSIM with 8-bit constants (a grey visible frame
+    scores about 0.4 against its infrared), checked against an independent computation."""
+    import cv2
+
+    from magicfuse.evaluation.ablation import visual_means
+    from magicfuse.evaluation.pipeline import _ssim_to
+
+    rng = np.random.default_rng(0)
+    a = cv2.GaussianBlur(rng.uniform(0, 255, (96, 128)), (0, 0), 3).astype(np.uint8)
+    b = np.clip(0.6 * a + 0.4 * cv2.GaussianBlur(rng.uniform(0, 255, (96, 128)), (0, 0), 2), 0, 255).astype(np.uint8)
+
+    def wang(x, y):  # 11x11 Gaussian window, sigma 1.5, interior of the map only
+        x, y = x.astype(np.float64), y.astype(np.float64)
+        c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+        g = lambda z: cv2.GaussianBlur(z, (11, 11), 1.5)  # noqa: E731
+        mx, my = g(x), g(y)
+        sxx, syy, sxy = g(x * x) - mx * mx, g(y * y) - my * my, g(x * y) - mx * my
+        m = (2 * mx * my + c1) * (2 * sxy + c2) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+        return float(m[5:-5, 5:-5].mean())
+
+    assert _ssim_to([a], [a]) == pytest.approx(1.0)
+    ours, ref = _ssim_to([b], [a]), wang(b, a)
+    assert 0.2 < ref < 0.95  # premise: a partly similar pair
+    assert ours == pytest.approx(ref, abs=0.02)
+    # the fusion table's MATLAB convention (near-zero constants) gives another number
+    assert abs(visual_means([b], [a], [a], ("SSIM",))["SSIM"] - ours) > 0.01

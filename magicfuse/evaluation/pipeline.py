@@ -295,9 +295,14 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _ssim_to(images: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
-    """Mean SSIM of each image against its reference (docs/METRICS.md's SSIM with A = B = the
-    reference is exactly ssim(image, reference))."""
-    return visual_means(images, reference, reference, ("SSIM",))["SSIM"]
+    """Mean SSIM of each image against its reference: Wang et al.'s SSIM for 8-bit images
+    (11x11 Gaussian window, C1 = (0.01*255)^2, C2 = (0.03*255)^2; the `l255` convention of
+    `evaluation.metrics`; with A = B = the reference it is exactly ssim(image, reference)).
+    Not the fusion table's MATLAB convention (docs/METRICS.md), whose near-zero constants score
+    any visible/infrared pair at about 0: here a grey copy of an MSRS visible frame scores
+    about 0.4 against its infrared (00111D: 0.42), so the number says how infrared-like an
+    image is."""
+    return visual_means(images, reference, reference, ("SSIM",), conventions={"ssim": "l255"})["SSIM"]
 
 
 def _contrast_row(name: str, images: Sequence[np.ndarray], boxes: Sequence[Any],
@@ -482,7 +487,7 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
                            ("MagImg (captured input)", captured.magimg)):
             visual_rows.append({"name": name, **visual_means(imgs, test.infrared, ref_vis, cfg.metrics)})
 
-    # ---- CKG infrared vs a grey copy of the input (PSNR peak 255, SSIM as docs/METRICS.md)
+    # ---- CKG infrared vs a grey copy of the input (PSNR peak 255, SSIM for 8-bit images, see _ssim_to)
     def ckg_scores(run: SampleRun, inputs: Sequence[np.ndarray]) -> dict[str, float]:
         grey = [_gray(d) for d in inputs]
         out = {"psnr_ckg_db": float(np.mean([_psnr(c, ir) for c, ir in zip(run.ckg_ir, test.infrared)])),
@@ -588,7 +593,7 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
         "visual metric sources": f"A = real infrared, B = {vis_label} (evaluate.reference_visible = "
                                  f"{cfg.reference_visible!r}); the degraded-input row is the input itself scored as F",
         "outputs to uint8": "rounded (the authors' code truncates)",
-        "CKG infrared vs real infrared (PSNR dB peak 255 / SSIM)":
+        "CKG infrared vs real infrared (PSNR dB peak 255 / SSIM, Wang's 8-bit constants)":
             f"CKG {ckg_ir['psnr_ckg_db']:.2f} / {ckg_ir['ssim_ckg']:.3f}; grey copy of the degraded input "
             f"{ckg_ir['psnr_grey_input_db']:.2f} / {ckg_ir['ssim_grey_input']:.3f}; gain {ckg_ir['gain_db']:+.2f} dB"
             + ("" if captured is None else
