@@ -125,7 +125,9 @@ from conftest import sqlite_store  # noqa: E402
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    # The harness's own default startup timeout (30 s) is not enough on a loaded 2-core
+    # machine: the server's first start (migrations) has taken 20 s with one other job running.
+    with prefect_test_harness(server_startup_timeout=180):
         yield
 
 
