@@ -19,6 +19,7 @@ from magicfuse.evaluation.ablation import (
     run_ablations,
     sample_set,
     variant_nets,
+    visual_means,
     write_ablation_report,
 )
 from magicfuse.evaluation.pipeline import (
@@ -29,6 +30,7 @@ from magicfuse.evaluation.pipeline import (
     ROW_MAGIMG,
     ROW_OURS_S,
     EvaluateConfig,
+    _ssim_to,
     load_eval_set,
     resolve_metric_path,
     run_evaluation,
@@ -271,9 +273,6 @@ def test_ckg_ssim_is_wangs_8bit_ssim():
     """The CKG-vs-infrared SSIM is Wang et al.'s SSIM with 8-bit constants (a grey visible frame
     scores about 0.4 against its infrared), checked against an independent computation."""
     import cv2
-
-    from magicfuse.evaluation.ablation import visual_means
-    from magicfuse.evaluation.pipeline import _ssim_to
 
     rng = np.random.default_rng(0)
     a = cv2.GaussianBlur(rng.uniform(0, 255, (96, 128)), (0, 0), 3).astype(np.uint8)

@@ -50,7 +50,7 @@ class AutoEncoderConfig:
     # latents of about zero mean and unit variance, the signal-to-noise ratio the noise
     # schedule assumes. The shift is one value or one per latent channel (the AE trainer
     # measures the channel means: the authors' AE has channels whose means differ by more
-    # than their spread, and a single shift/scale left its content at 0.35 of unit
+    # than their spread, and a single shift/scale left its content at 0.11 of unit
     # variance); the scale is one value (the RMS spread around those means). 0 / 1 (the
     # authors' AE) leave the latents as they are.
     latent_shift: float | tuple[float, ...] = 0.0
