@@ -11,7 +11,7 @@ A ``pipeline`` file bundles the four networks and the sampler settings::
 
     {"format": "magicfuse", "version": 1, "kind": "pipeline",
      "models": {"ae"|"ikr"|"ckg"|"fusion": {"kind", "config", "state_dict"}},
-     "sampler": {"steps": 25, "tau": 0.4, "thermal_classes": [2], ...}, ...extra}
+     "sampler": SamplerSettings.to_dict() (steps, tau, thermal_classes, variant, schedule), ...extra}
 
 Loading problems raise ``CheckpointError`` naming the file and what is wrong.
 """
@@ -25,7 +25,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from magicfuse.errors import CheckpointError, MagicFuseError
+from magicfuse.diffusion.settings import SamplerSettings
+from magicfuse.errors import CheckpointError, ConfigError, MagicFuseError
 from magicfuse.io import atomic_path
 
 FORMAT = "magicfuse"
@@ -108,6 +109,10 @@ def load_checkpoint(
             _check_entry(entry, f"{path} [models.{name}]")
         if not isinstance(payload.get("sampler"), dict):
             raise CheckpointError(f"{path}: pipeline checkpoint has no \"sampler\" settings dict")
+        try:
+            SamplerSettings.from_mapping(payload["sampler"], where=f"{path}: sampler settings")
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
     return payload
 
 
@@ -192,8 +197,12 @@ def load_model(path: str | Path, kind: str | None = None, *, map_location: Any =
     return model_from_entry(payload, str(path)), payload
 
 
-def pipeline_payload(models: Mapping[str, Mapping[str, Any]], *, sampler: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-    """Payload of a pipeline bundle from {"ae","ikr","ckg","fusion"} entries."""
+def pipeline_payload(models: Mapping[str, Mapping[str, Any]], *, sampler: SamplerSettings | Mapping[str, Any],
+                     **extra: Any) -> dict[str, Any]:
+    """Payload of a pipeline bundle from {"ae","ikr","ckg","fusion"} entries; `sampler` is
+    checked and stored as `SamplerSettings.to_dict`."""
+    if not isinstance(sampler, SamplerSettings):
+        sampler = SamplerSettings.from_mapping(sampler)
     missing = [p for p in PIPELINE_PARTS if p not in models]
     if missing:
         raise CheckpointError(f"pipeline bundle needs the networks {list(PIPELINE_PARTS)}; missing {missing}")
@@ -201,12 +210,12 @@ def pipeline_payload(models: Mapping[str, Mapping[str, Any]], *, sampler: Mappin
         want = PIPELINE_PARTS.get(name)
         if want is not None and entry.get("kind") != want:
             raise CheckpointError(f"pipeline bundle: {name!r} must be a {want!r} network, got {entry.get('kind')!r}")
-    return {**extra, "kind": "pipeline", "models": {k: dict(v) for k, v in models.items()}, "sampler": dict(sampler)}
+    return {**extra, "kind": "pipeline", "models": {k: dict(v) for k, v in models.items()}, "sampler": sampler.to_dict()}
 
 
 def save_pipeline(path: str | Path, ae: nn.Module, ikr: nn.Module, ckg: nn.Module, fusion: nn.Module, *,
-                  sampler: Mapping[str, Any], **extra: Any) -> Path:
-    """Bundle the four networks and the sampler settings (steps, tau, thermal_classes...) in one file."""
+                  sampler: SamplerSettings | Mapping[str, Any], **extra: Any) -> Path:
+    """Bundle the four networks and the `SamplerSettings` in one file."""
     models = {name: model_entry(m) for name, m in (("ae", ae), ("ikr", ikr), ("ckg", ckg), ("fusion", fusion))}
     return save_checkpoint(path, pipeline_payload(models, sampler=sampler, **extra))
 

@@ -49,6 +49,7 @@ from typing import Literal
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from magicfuse.errors import DataError, ImageReadError
@@ -364,3 +365,10 @@ def encode_png(array: np.ndarray, *, compression: int = 3, name: str = "<array>"
 def write_png(path: str | Path, array: np.ndarray, *, compression: int = 3) -> None:
     """Write a uint8 ``H×W`` / RGB / RGBA array as PNG, atomically."""
     write_bytes_atomic(path, encode_png(array, compression=compression, name=str(path)))
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (B,C,H,W) in [0,1] -> uint8 numpy (B,H,W,C), rounded (the authors' code
+    truncates; METRICS.md); C = 1 gives (B,H,W)."""
+    arr = (x.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return arr[..., 0] if arr.shape[-1] == 1 else arr

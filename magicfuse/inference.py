@@ -45,6 +45,7 @@ over windows and when the networks run on tiles (bounded memory).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import re
 import tempfile
@@ -55,10 +56,21 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from magicfuse.data.classes import THERMAL_CLASSES
-from magicfuse.errors import CheckpointError, DataError, MagicFuseError
+from magicfuse.checkpoint import load_pipeline
+from magicfuse.devices import resolve_device
+from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
+from magicfuse.diffusion.settings import VARIANTS, SamplerSettings
+from magicfuse.errors import CheckpointError, ConfigError, DataError, MagicFuseError
+from magicfuse.evaluation.segmentation import colorize
+from magicfuse.imageio import to_uint8
+from magicfuse.mlflow_store import use_tracking_store
+from magicfuse.models.fusion import FusionNet
+from magicfuse.models.geometry import padded_latent_size, required_multiple
+from magicfuse.models.importer import import_official
+from magicfuse.tiling import TilingBudget, wrap_for_tiling
 
 OUTPUTS: tuple[str, ...] = ("magimg", "ikr", "ckg", "seg")
+RUN_OUTPUTS: tuple[str, ...] = OUTPUTS + ("ckg_rgb",)  # run_batch may also return the CKG image in colour
 OFFICIAL_PARTS: dict[str, tuple[str, ...]] = {
     "ae": ("ae", "autoencoder"),
     "ikr": ("ikr",),
@@ -81,7 +93,8 @@ class FuseResult:
 
     ``magimg`` uint8 H×W×3 RGB; ``ikr`` uint8 H×W×3 (the IKR-enhanced visible image);
     ``ckg`` uint8 H×W (the generated infrared: channel mean of the CKG image);
-    ``seg`` uint8 H×W MFNet class ids; ``seg_color`` uint8 H×W×3 (palette colours).
+    ``seg`` uint8 H×W MFNet class ids; ``seg_color`` uint8 H×W×3 (palette colours);
+    ``ckg_rgb`` uint8 H×W×3 (the CKG image before the channel mean; only on request).
     """
 
     magimg: np.ndarray | None = None
@@ -89,6 +102,7 @@ class FuseResult:
     ckg: np.ndarray | None = None
     seg: np.ndarray | None = None
     seg_color: np.ndarray | None = None
+    ckg_rgb: np.ndarray | None = None
     index: int = 0
     seed: int = 0
 
@@ -223,8 +237,6 @@ def resolve_source(source: str | Path, workdir: Path) -> Path:
             import mlflow.artifacts
         except ImportError as exc:  # pragma: no cover - mlflow is a dependency
             raise CheckpointError(f"{text}: MLflow is needed to load a model URI ({exc})") from None
-        from magicfuse.tracking import use_tracking_store
-
         use_tracking_store()  # $MLFLOW_TRACKING_URI, else the project's local sqlite store
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(workdir / "mlflow")))
@@ -248,45 +260,57 @@ def resolve_source(source: str | Path, workdir: Path) -> Path:
     if found is not None:
         return found
     files = _official_files(path)
-    from magicfuse.models.importer import import_official
-
     out = workdir / "official_pipeline.pt"
     import_official(ae=files["ae"], ikr=files["ikr"], ckg=files["ckg"], mkf=files["mkf"], out=out, bundle=True)
     return out
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise DataError(f"device must be auto, cpu or cuda[:N], got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"device {device!r} requested but CUDA is not available here")
-    return dev
+def _variant_nets(nets: MagicFuseNets, variant: str) -> MagicFuseNets:
+    """See :meth:`MagicFuse.nets_for_variant`."""
+    if variant == "model4":
+        return nets
+    f = nets.fusion
+    if f is None:
+        raise ConfigError(f"variant {variant!r} needs the fusion network")
+    cfg = f.config
+    if variant != "model1":
+        if not cfg.use_zhat or not cfg.seg_head:
+            raise ConfigError(f"variant {variant!r} needs a full fusion network (use_zhat and seg_head); this one "
+                              f"has use_zhat={cfg.use_zhat}, seg_head={cfg.seg_head}")
+        return nets
+    if not cfg.seg_head:
+        raise ConfigError("variant 'model1' needs a fusion network with a segmentation head")
+    if not cfg.use_zhat:
+        return nets
+    param = next(f.parameters())
+    f1 = FusionNet(dataclasses.replace(cfg, use_zhat=False)).to(device=param.device, dtype=param.dtype)
+    f1.load_state_dict(f.state_dict(), strict=True)
+    f1.eval().requires_grad_(False)
+    return MagicFuseNets(ae=nets.ae, ikr=nets.ikr, ckg=nets.ckg, fusion=f1)
 
 
 # --------------------------------------------------------------------------- the pipeline
 
 
 class MagicFuse:
-    """A loaded MagicFuse pipeline: ``fuse(images) -> list[FuseResult]``."""
+    """A loaded MagicFuse pipeline: ``fuse(images) -> list[FuseResult]``.
 
-    def __init__(self, modules: Mapping[str, torch.nn.Module], sampler: Mapping[str, Any] | None = None, *,
+    The project's one runner from networks to images: `magicfuse fuse`, the MLflow pyfunc,
+    the evaluation report, the τ sweep and the ablations all sample through
+    :meth:`run_batch` (per-image seeded noise, the device's tiling budget, bf16 autocast on
+    CUDA, rounding to uint8), so a report image is reproduced by ``magicfuse fuse --seed``.
+    ``sampler``: the pipeline's :class:`SamplerSettings` (or their dict, as stored in a
+    pipeline checkpoint); None = the defaults.
+    """
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module],
+                 sampler: SamplerSettings | Mapping[str, Any] | None = None, *,
                  device: str | torch.device = "auto", compile: bool = False, amp: str = "auto",
                  tile: Any = "auto", source: str = "<modules>"):
-        from magicfuse.diffusion.sampler import MagicFuseNets
-
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device, error=DataError)
         self.source = source
-        sampler = dict(sampler or {})
-        self.steps = int(sampler.get("steps", 25))
-        self.tau = float(sampler.get("tau", 0.4))
-        self.thermal_classes = tuple(int(c) for c in sampler.get("thermal_classes", THERMAL_CLASSES))
-        self.variant = str(sampler.get("variant", "full"))
+        self.settings = sampler if isinstance(sampler, SamplerSettings) else \
+            SamplerSettings.from_mapping(sampler, where=f"{source}: sampler settings")
         if amp not in ("auto", "bf16", "fp32"):
             raise DataError(f"amp must be auto, bf16 or fp32, got {amp!r}")
         self.amp_dtype = torch.bfloat16 if (self.device.type == "cuda" and amp in ("auto", "bf16")) else None
@@ -300,10 +324,8 @@ class MagicFuse:
                 ckg=torch.compile(mods["ckg"]) if mods.get("ckg") is not None else None,
                 fusion=torch.compile(mods["fusion"]) if mods.get("fusion") is not None else None,
             )
+        self._variant_nets: dict[str, MagicFuseNets] = {}
         self.tile = tile
-        from magicfuse.models.presets import model_config  # noqa: F401  (validates these are our networks)
-        from magicfuse.diffusion.sampler import required_multiple
-
         self.multiple = required_multiple(self.base_nets)
         self.latent_channels = int(self.base_nets.ae.config.latent_channels)
         self.noise_channels = int(self.base_nets.ae.config.noise_channels)
@@ -311,13 +333,17 @@ class MagicFuse:
         f = self.base_nets.fusion
         self.num_classes = int(f.config.num_classes) if f is not None and f.config.seg_head else 0
 
+    # the settings' fields, for reading
+    steps = property(lambda self: self.settings.steps)
+    tau = property(lambda self: self.settings.tau)
+    thermal_classes = property(lambda self: self.settings.thermal_classes)
+    variant = property(lambda self: self.settings.variant)
+
     # ---- loading
     @classmethod
     def from_pretrained(cls, source: str | Path, *, device: str | torch.device = "auto", compile: bool = False,
                         amp: str = "auto", tile: Any = "auto") -> "MagicFuse":
         """Load from an MLflow URI, a pipeline checkpoint, or a folder (see the module docstring)."""
-        from magicfuse.checkpoint import load_pipeline
-
         with tempfile.TemporaryDirectory(prefix="magicfuse-load-") as tmp:
             path = resolve_source(source, Path(tmp))
             modules, payload = load_pipeline(path)
@@ -326,8 +352,6 @@ class MagicFuse:
 
     # ---- tiling
     def budget(self, tile: Any = None):
-        from magicfuse.tiling import TilingBudget
-
         tile = self.tile if tile is None else tile
         if isinstance(tile, TilingBudget):
             return tile
@@ -338,16 +362,9 @@ class MagicFuse:
         raise DataError(f"tile must be 'auto', an integer attention window size (0 = never) or a TilingBudget, "
                         f"got {tile!r}")
 
-    def nets_for(self, hw: tuple[int, int], tile: Any = None):
-        from magicfuse.tiling import wrap_for_tiling
-
-        return wrap_for_tiling(self.nets, hw, self.budget(tile))
-
     # ---- noise
     def _noises(self, seeds: Sequence[int], hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        H, W = hw
-        m = self.multiple
-        h, w = -(-H // m) * m // 4, -(-W // m) * m // 4
+        h, w = padded_latent_size(hw[0], hw[1], self.multiple)
         zs, ss, ns = [], [], []
         for sd in seeds:
             g = torch.Generator().manual_seed(int(sd))
@@ -360,56 +377,69 @@ class MagicFuse:
         seg = torch.cat(ss).to(dev) if ss else None
         return torch.cat(zs).to(dev), seg, torch.cat(ns).to(dev)
 
+    # ---- variants
+    def nets_for_variant(self, variant: str | None = None) -> MagicFuseNets:
+        """The networks that run `variant` (default: the settings'), from this ONE pipeline.
+
+        ``model1`` runs a copy of F with ``use_zhat=False`` and the same weights (its ẑ0
+        inputs are zeros: an inference-time ablation); the other variants use the networks
+        as they are (`magicfuse_sample` handles them).
+        """
+        variant = self.variant if variant is None else variant
+        if variant not in VARIANTS:
+            raise ConfigError(f"unknown sampler variant {variant!r}; expected one of {list(VARIANTS)}")
+        if variant not in self._variant_nets:
+            self._variant_nets[variant] = _variant_nets(self.nets, variant)
+        return self._variant_nets[variant]
+
     # ---- running
     def run_batch(self, batch: torch.Tensor, seeds: Sequence[int], *, steps: int | None = None,
-                  tau: float | None = None, outputs: Sequence[str] = OUTPUTS, tile: Any = None) -> list[FuseResult]:
-        """One same-size batch (B,3,H,W) in [0,1] with one seed per image -> results."""
-        from magicfuse.diffusion.sampler import DECODABLE, magicfuse_sample
-        from magicfuse.evaluation.segmentation import colorize
+                  tau: float | None = None, variant: str | None = None, outputs: Sequence[str] = OUTPUTS,
+                  tile: Any = None) -> list[FuseResult]:
+        """One same-size batch (B,3,H,W) in [0,1] with one seed per image -> results.
 
-        unknown = sorted(set(outputs) - set(OUTPUTS))
+        ``outputs`` may also name ``"ckg_rgb"`` (the CKG image before the channel mean).
+        """
+        unknown = sorted(set(outputs) - set(RUN_OUTPUTS))
         if unknown:
             raise DataError(f"unknown output(s) {unknown}; choose from {list(OUTPUTS)}")
         if batch.ndim != 4 or batch.shape[0] != len(seeds):
             raise DataError(f"run_batch: expected (B,3,H,W) and B seeds, got {tuple(batch.shape)} and {len(seeds)} seeds")
+        s = self.settings.replace(steps=steps, tau=tau, variant=variant)
         hw = (int(batch.shape[2]), int(batch.shape[3]))
-        nets = self.nets_for(hw, tile)
+        nets = wrap_for_tiling(self.nets_for_variant(s.variant), hw, self.budget(tile))
         noise, seg_noise, ae_noise = self._noises(seeds, hw)
+        if s.variant == "model4" or self.num_classes == 0:
+            seg_noise = None
         amp = (torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp_dtype is not None
                else contextlib.nullcontext())
+        # one memory layout whatever the caller's strides (a channels-last view selects other
+        # convolution kernels, whose rounding differs by up to a grey level)
+        x = batch.to(self.device, torch.float32).contiguous()
+        decode = {"magimg", "ikr", "ckg"} & {("ckg" if o == "ckg_rgb" else o) for o in outputs}
         with torch.inference_mode(), amp:
-            out = magicfuse_sample(nets, batch.to(self.device, torch.float32), steps=steps or self.steps,
-                                   tau=self.tau if tau is None else float(tau), thermal_classes=self.thermal_classes,
-                                   variant=self.variant, noise=noise, seg_noise=seg_noise, ae_noise=ae_noise,
-                                   decode=[o for o in outputs if o in DECODABLE])
-
-        def u8(t: torch.Tensor | None) -> np.ndarray | None:
-            if t is None:
-                return None
-            return (t.float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
-
-        mag = u8(out.magimg) if "magimg" in outputs else None
-        ikr = u8(out.ikr) if "ikr" in outputs else None
-        ckg = u8(out.ckg_ir) if "ckg" in outputs else None
-        seg = out.seg.to(torch.uint8).cpu().numpy() if ("seg" in outputs and out.seg is not None) else None
+            out = magicfuse_sample(nets, x, steps=s.steps, tau=s.tau,
+                                   thermal_classes=s.thermal_classes, variant=s.variant, noise=noise,
+                                   seg_noise=seg_noise, ae_noise=ae_noise, decode=sorted(decode),
+                                   schedule=s.ddim(self.device))
+        tensors = {"magimg": out.magimg, "ikr": out.ikr, "ckg": out.ckg_ir, "ckg_rgb": out.ckg, "seg": out.seg}
+        fields = {name: (None if t is None or name not in outputs else
+                         t.to(torch.uint8).cpu().numpy() if name == "seg" else to_uint8(t))
+                  for name, t in tensors.items()}
         results = []
         for i, sd in enumerate(seeds):
             r = FuseResult(seed=int(sd))
-            if mag is not None:
-                r.magimg = np.ascontiguousarray(mag[i].transpose(1, 2, 0))
-            if ikr is not None:
-                r.ikr = np.ascontiguousarray(ikr[i].transpose(1, 2, 0))
-            if ckg is not None:
-                r.ckg = np.ascontiguousarray(ckg[i, 0])
-            if seg is not None:
-                r.seg = np.ascontiguousarray(seg[i])
+            for name, arr in fields.items():
+                if arr is not None:
+                    setattr(r, name, np.ascontiguousarray(arr[i]))
+            if r.seg is not None:
                 r.seg_color = colorize(r.seg)
             results.append(r)
         return results
 
     def fuse_iter(self, images: Any, *, steps: int | None = None, tau: float | None = None, seed: int = 0,
                   seeds: Sequence[int] | None = None, batch_size: int = 4, outputs: Sequence[str] = OUTPUTS,
-                  tile: Any = None) -> Iterator[FuseResult]:
+                  tile: Any = None, variant: str | None = None) -> Iterator[FuseResult]:
         """Like :meth:`fuse`, yielding results as batches finish (grouped by size, so not
         in input order; each result's ``index`` gives its position)."""
         items = _flatten_inputs(images)
@@ -426,22 +456,24 @@ class MagicFuse:
                 chunk = idxs[c:c + batch_size]
                 sds = [int(seeds[i]) if seeds is not None else image_seed(seed, i) for i in chunk]
                 batch = torch.stack([tensors[i] for i in chunk])
-                for i, r in zip(chunk, self.run_batch(batch, sds, steps=steps, tau=tau, outputs=outputs, tile=tile)):
+                for i, r in zip(chunk, self.run_batch(batch, sds, steps=steps, tau=tau, variant=variant,
+                                                                   outputs=outputs, tile=tile)):
                     r.index = i
                     yield r
 
     def fuse(self, images: Any, *, steps: int | None = None, tau: float | None = None, seed: int = 0,
              seeds: Sequence[int] | None = None, batch_size: int = 4, outputs: Sequence[str] = OUTPUTS,
-             tile: Any = None) -> list[FuseResult]:
+             tile: Any = None, variant: str | None = None) -> list[FuseResult]:
         """Fuse one image or many (see the module docstring for accepted inputs).
 
         Images are grouped by size and run ``batch_size`` at a time; results come back
         in input order, each at its input's exact size. ``steps``/``tau`` default to the
-        checkpoint's sampler settings. ``seed`` seeds every image's own generator from
+        checkpoint's sampler settings, ``variant`` to its variant (an ablation of
+        :mod:`magicfuse.diffusion.sampler` runs on the same weights). ``seed`` seeds every image's own generator from
         ``(seed, index)``; ``seeds`` gives explicit per-image seeds instead.
         """
         results = list(self.fuse_iter(images, steps=steps, tau=tau, seed=seed, seeds=seeds,
-                                      batch_size=batch_size, outputs=outputs, tile=tile))
+                                      batch_size=batch_size, outputs=outputs, tile=tile, variant=variant))
         results.sort(key=lambda r: r.index)
         return results
 

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -64,8 +63,18 @@ from torch import Tensor, nn
 
 from magicfuse.errors import ConfigError, DataError
 from magicfuse.models.attention import AttentionWindow
+from magicfuse.models.fusion import FusionOutput
+from magicfuse.models.geometry import (
+    LATENT_DOWNSCALE,
+    blend_weight_1d,
+    net_multiple,
+    required_multiple,
+    round_up,
+    tile_starts,
+    tile_windows,
+    unwrap,
+)
 
-LATENT_DOWNSCALE = 4
 
 __all__ = [
     "TilingBudget",
@@ -167,57 +176,6 @@ class TilingBudget:
 # --------------------------------------------------------------------------- tiles and weights
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with at least
-    ``overlap`` overlap; the last tile ends at ``length``. One tile at 0 if it fits."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    if stride <= 0:
-        raise ConfigError(f"tiling: overlap {overlap} must be smaller than tile {tile}")
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return starts
-
-
-def blend_weight_1d(n: int, start: int, length: int, ramp: int, *, device=None) -> Tensor:
-    """Weights of one tile along one axis: raised-cosine rise over ``ramp`` pixels at
-    every edge that lies inside the image, 1 elsewhere (always > 0)."""
-    w = torch.ones(n, dtype=torch.float32, device=device)
-    r = min(ramp, n)
-    if r > 0:
-        x = (torch.arange(r, dtype=torch.float32, device=device) + 0.5) / r
-        rise = torch.sin(0.5 * math.pi * x) ** 2
-        if start > 0:
-            w[:r] = torch.minimum(w[:r], rise)
-        if start + n < length:
-            w[n - r:] = torch.minimum(w[n - r:], rise.flip(0))
-    return w
-
-
-def tile_windows(length: int, tile: int, overlap: int, halo: int) -> list[tuple[int, int, int, int, int, int]]:
-    """Per tile along one axis: (core start, core size, window start, window size,
-    owned start, owned end).
-
-    Cores of size ``tile`` overlap by ``overlap``; each window adds up to ``halo`` pixels of
-    context on both sides, shifted inside ``[0, length)`` so that all windows share one size.
-    The owned ranges partition ``[0, length)`` (split at the middle of each overlap); they
-    are used to accumulate statistics once per pixel."""
-    core = min(tile, length)
-    win = min(core + 2 * halo, length)
-    starts = tile_starts(length, tile, overlap)
-    cuts = [0] + [(starts[i] + starts[i - 1] + core) // 2 for i in range(1, len(starts))] + [length]
-    out = []
-    for i, s in enumerate(starts):
-        ws = min(max(s - halo, 0), length - win)
-        out.append((s, core, ws, win, cuts[i], cuts[i + 1]))
-    return out
-
-
 def _blend(
     fn: Callable[[list[Tensor], int], Sequence[Tensor | None]],
     inputs: Sequence[Tensor],
@@ -279,24 +237,11 @@ def _blend(
     return [None if a is None else a / wsum.to(a.device) for a in acc]
 
 
-def _unwrap(m: nn.Module) -> nn.Module:
-    return getattr(m, "_orig_mod", m)
-
-
-def _multiple_of(net: nn.Module) -> int:
-    m = _unwrap(net)
-    rm = getattr(m, "required_multiple", None)
-    if rm is not None:
-        return int(rm() if callable(rm) else rm)
-    mult = getattr(getattr(m, "config", None), "channel_mult", None)
-    return 2 ** (len(mult) - 1) if mult is not None else 1
-
-
 def _check_tile(tile: int, overlap: int, multiple: int, what: str) -> tuple[int, int]:
     if tile < 1 or overlap < 0:
         raise ConfigError(f"{what}: tile must be >= 1 and overlap >= 0, got tile={tile}, overlap={overlap}")
-    tile = _round_up(int(tile), multiple)
-    overlap = _round_up(int(overlap), multiple)
+    tile = round_up(int(tile), multiple)
+    overlap = round_up(int(overlap), multiple)
     if overlap >= tile:
         overlap = tile - multiple
     return tile, overlap
@@ -310,8 +255,8 @@ class _Wrapper(nn.Module):
 
     def __init__(self, net: nn.Module):
         super().__init__()
-        self.multiple = _multiple_of(net)
-        self.config = getattr(_unwrap(net), "config", None)
+        self.multiple = net_multiple(net)
+        self.config = getattr(unwrap(net), "config", None)
 
     def required_multiple(self) -> int:
         return self.multiple
@@ -325,7 +270,7 @@ class _TiledNet(_Wrapper):
     def __init__(self, net: nn.Module, tile: int, overlap: int, halo: int | None, tile_batch: int):
         super().__init__(net)
         self.tile, self.overlap = _check_tile(tile, overlap, self.multiple, type(self).__name__)
-        self.halo = _round_up(max(int(self.overlap if halo is None else halo), 0), self.multiple)
+        self.halo = round_up(max(int(self.overlap if halo is None else halo), 0), self.multiple)
         self.tile_batch = int(tile_batch)
 
     @staticmethod
@@ -380,7 +325,6 @@ class TiledFusion(_TiledNet):
 
     def forward(self, zhat_psi: Tensor, zhat_phi: Tensor, z_f: Tensor, eps_psi: Tensor, eps_phi: Tensor,
                 t: Tensor | int | float, seg_state: Tensor | None):
-        from magicfuse.models.fusion import FusionOutput
 
         t = self._timesteps(t, z_f)
         has_state = seg_state is not None
@@ -481,7 +425,7 @@ class TiledAutoEncoder(nn.Module):
         self.ae = ae
         d = LATENT_DOWNSCALE
         self.tile, self.overlap = _check_tile(tile, overlap, d, type(self).__name__)
-        self.halo = _round_up(max(int(halo), 0), d)
+        self.halo = round_up(max(int(halo), 0), d)
         self.proxy = max(int(proxy), 4 * d)
         self.stat_passes = max(int(stat_passes), 0)
         self.tile_batch = int(tile_batch)
@@ -495,7 +439,7 @@ class TiledAutoEncoder(nn.Module):
     def _proxy_size(self, H: int, W: int) -> tuple[int, int]:
         d = LATENT_DOWNSCALE
         s = min(1.0, self.proxy / max(H, W))
-        return max(d, _round_up(int(round(H * s)), d)), max(d, _round_up(int(round(W * s)), d))
+        return max(d, round_up(int(round(H * s)), d)), max(d, round_up(int(round(W * s)), d))
 
     def encode(self, x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None, *,
                noise_scale: float | None = None) -> Tensor:
@@ -557,7 +501,7 @@ class TiledAutoEncoder(nn.Module):
 def needs_tiling(image_hw: tuple[int, int], budget: TilingBudget, multiple: int = 16) -> tuple[str, bool]:
     """(regime of the latent networks — ``"whole"``, ``"windowed"`` or ``"tiled"`` —, tile the
     autoencoder?) for an image of ``image_hw``."""
-    H, W = _round_up(int(image_hw[0]), multiple), _round_up(int(image_hw[1]), multiple)
+    H, W = round_up(int(image_hw[0]), multiple), round_up(int(image_hw[1]), multiple)
     h, w = H // LATENT_DOWNSCALE, W // LATENT_DOWNSCALE
     if h * w > budget.max_latent_pixels:
         regime = "tiled"
@@ -575,8 +519,6 @@ def wrap_for_tiling(nets, image_hw: tuple[int, int], budget: TilingBudget | None
     Returns a new ``MagicFuseNets`` (the same object when nothing is needed); the wrapped
     networks are shared, not copied.
     """
-    from magicfuse.diffusion.sampler import required_multiple
-
     budget = budget or TilingBudget()
     mult = required_multiple(nets)
     regime, tile_ae = needs_tiling(image_hw, budget, mult)

@@ -7,6 +7,7 @@ Tracking store: `MLFLOW_TRACKING_URI` when set, else a local sqlite file
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -16,60 +17,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from magicfuse.errors import MagicFuseError
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from magicfuse.checkpoint import load_checkpoint
+from magicfuse.checkpoint import load_model as load_network
+from magicfuse.config import load_params
+from magicfuse.data.degrade import degrade
+from magicfuse.data.synthetic import generate_scene
+from magicfuse.devices import resolve_device
+from magicfuse.diffusion.settings import NoiseSchedule, SamplerSettings
+from magicfuse.errors import CheckpointError, ConfigError, DataError, MagicFuseError
+from magicfuse.imageio import to_uint8
+from magicfuse.inference import _pyfunc_class
 from magicfuse.io import sha256_file, write_json_atomic
+from magicfuse.training.ae import load_autoencoder
+from magicfuse.training.ldm import sample_branch
+from magicfuse.mlflow_store import (  # noqa: F401  (re-exported: magicfuse.tracking.configure etc.)
+    DEFAULT_EXPERIMENT,
+    configure,
+    default_tracking_uri,
+    project_root,
+    use_tracking_store,
+)
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-DEFAULT_EXPERIMENT = "magicfuse"
 CHAMPION = "champion"
 PIPELINE_RUN_FILE = Path("artifacts") / "mlflow_pipeline_run.json"
 
 
 class TrackingError(MagicFuseError):
     """MLflow tracking or registry operation failed."""
-
-
-def project_root() -> Path:
-    """The folder holding params.yaml (the working directory of stages and flows)."""
-    return Path.cwd()
-
-
-def default_tracking_uri(root: Path | None = None) -> str:
-    root = (root or project_root()).resolve()
-    return f"sqlite:///{root / 'mlflow.db'}"
-
-
-def use_tracking_store(tracking_uri: str | None = None) -> str:
-    """Point MLflow at the tracking store (explicit URI, `MLFLOW_TRACKING_URI`, or the
-    local sqlite default) without touching experiments; returns the URI."""
-    import mlflow
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    return uri
-
-
-def configure(experiment: str = DEFAULT_EXPERIMENT, tracking_uri: str | None = None) -> str:
-    """Point MLflow at the tracking store and experiment; returns the experiment id.
-
-    An explicit `tracking_uri` wins, then `MLFLOW_TRACKING_URI`, then the local
-    sqlite default (whose artifacts go to `mlartifacts/` beside it).
-    """
-    import mlflow
-
-    uri = use_tracking_store(tracking_uri)
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        artifact_location = None
-        if uri.startswith("sqlite:///"):  # a local store: keep its artifacts beside it, not in ./mlruns
-            artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-        exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
-    else:
-        exp_id = exp.experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
-    return exp_id
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -317,11 +295,6 @@ def pip_requirements() -> list[str]:
 
 def _images_to_tensor(images: Any, where: str) -> Any:
     """uint8 (B,H,W,3) (or one (H,W,3)) RGB array -> float32 (B,3,H,W) tensor in [0,1]."""
-    import numpy as np
-    import torch
-
-    from magicfuse.errors import DataError
-
     if hasattr(images, "to_numpy") and not isinstance(images, np.ndarray):  # a pandas frame/series
         images = images.to_numpy()
     arr = np.asarray(images)
@@ -336,21 +309,11 @@ def _images_to_tensor(images: Any, where: str) -> Any:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _tensor_to_uint8(x: Any) -> Any:
-    """float (B,C,H,W) in [0,1] -> uint8 (B,H,W,C) numpy (C=1 is squeezed to (B,H,W))."""
-    import torch
-
-    arr = (x.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return arr[..., 0] if arr.shape[-1] == 1 else arr
-
-
 def _int_param(params: Mapping[str, Any] | None, name: str, default: int) -> int:
     value = (params or {}).get(name, default)
     if value is None:
         return default
     if isinstance(value, bool) or int(value) != value:
-        from magicfuse.errors import ConfigError
-
         raise ConfigError(f"predict: parameter {name!r} must be an integer, got {value!r}")
     return int(value)
 
@@ -371,32 +334,23 @@ class _ComponentModel:
 
     def __init__(self, kind: str, *, steps: int = 25, seed: int = 0):
         if kind not in COMPONENT_KINDS:
-            from magicfuse.errors import ConfigError
-
             raise ConfigError(f"component model kind must be one of {list(COMPONENT_KINDS)}, got {kind!r}")
         self.kind = kind
         self.steps = int(steps)
         self.seed = int(seed)
 
     def load_context(self, context) -> None:  # noqa: ANN001
-        from magicfuse.checkpoint import load_model as load_network
-        from magicfuse.training.ae import load_autoencoder
-
-        import torch
-
-        device = (getattr(context, "model_config", None) or {}).get("device") or (
-            "cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
+        self.device = resolve_device((getattr(context, "model_config", None) or {}).get("device") or "auto",
+                                     what="model_config device")
         self.ae = load_autoencoder(context.artifacts["ae"]).eval().to(self.device)
         self.unet = None
         if self.kind != "ae":
-            self.unet, _ = load_network(context.artifacts["unet"], kind="unet")
+            self.unet, payload = load_network(context.artifacts["unet"], kind="unet")
+            # sample over the schedule the denoiser was trained with
+            self.schedule = NoiseSchedule.of_denoiser(payload.get("train_config"))
             self.unet.eval().to(self.device)
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - no hints: MLflow reads them as a schema
-        import torch
-        import torch.nn.functional as F
-
         x = _images_to_tensor(model_input, f"magicfuse {self.kind} model").to(self.device)
         seed = _int_param(params, "seed", self.seed)
         gen = torch.Generator().manual_seed(seed)
@@ -409,13 +363,12 @@ class _ComponentModel:
                     x = F.pad(x, (0, pw, 0, ph), mode=mode)
                 out = self.ae(x, None, gen)[..., :h, :w]
             else:
-                from magicfuse.training.ldm import sample_branch
-
                 steps = _int_param(params, "steps", self.steps)
-                out = sample_branch(self.ae, self.unet, x, steps=steps, generator=gen)
+                out = sample_branch(self.ae, self.unet, x, steps=steps, generator=gen,
+                                    schedule=self.schedule.ddim(steps, self.device))
                 if self.kind == "ckg":
                     out = out.mean(dim=1, keepdim=True)
-        return _tensor_to_uint8(out)
+        return to_uint8(out)
 
 
 def _component_pyfunc_class() -> type:
@@ -444,9 +397,6 @@ def __getattr__(name: str) -> Any:
 
 def _example_image(example_hw: tuple[int, int], seed: int = 0) -> Any:
     """One (1,H,W,3) uint8 degraded visible image: a synthetic scene with a fixed degradation."""
-    from magicfuse.data.degrade import degrade
-    from magicfuse.data.synthetic import generate_scene
-
     h, w = (int(v) for v in example_hw)
     scene = generate_scene(seed, 0, height=h, width=w)
     degraded, _ = degrade(scene.visible, seed)
@@ -455,7 +405,6 @@ def _example_image(example_hw: tuple[int, int], seed: int = 0) -> Any:
 
 def _image_signature(example_in: Any, example_out: Any, params: Mapping[str, Any]) -> Any:
     """infer_signature on the example, then free the batch and spatial sizes (any B, H, W)."""
-    import numpy as np
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types.schema import Schema, TensorSpec
 
@@ -506,8 +455,6 @@ def _log_pyfunc(python_model: Any, artifacts: dict[str, str], *, registered_name
 
 
 def _existing(path: str | Path, what: str) -> Path:
-    from magicfuse.errors import CheckpointError
-
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: {what} checkpoint not found")
@@ -528,14 +475,12 @@ def log_pipeline_model(checkpoint_path: str | Path, *, registered_name: str = "m
     """
     from mlflow.pyfunc import PythonModelContext
 
-    from magicfuse.checkpoint import load_checkpoint
-    from magicfuse.inference import MagicFusePyfunc
-
+    MagicFusePyfunc = _pyfunc_class()
     ckpt = _existing(checkpoint_path, "pipeline")
     payload = load_checkpoint(ckpt, kind="pipeline")
-    sampler = payload.get("sampler", {})
-    params = {"seed": 0, "steps": int(sampler.get("steps", 25)), "tau": float(sampler.get("tau", 0.4)),
-              "batch_size": 4}
+    settings = SamplerSettings.from_mapping(payload["sampler"], where=f"{ckpt}: sampler settings")
+    sampler = settings.to_dict()
+    params = {"seed": 0, "steps": settings.steps, "tau": settings.tau, "batch_size": 4}
     example_params = {**params, "steps": 1}
     example_in = _example_image(example_hw)
     probe = MagicFusePyfunc()
@@ -559,8 +504,6 @@ def log_component_model(kind: str, checkpoint_path: str | Path, ae_checkpoint: s
     Predict params `seed` and `steps` default to the given values. Returns the `ModelVersion`.
     """
     from mlflow.pyfunc import PythonModelContext
-
-    from magicfuse.errors import ConfigError
 
     if kind not in COMPONENT_KINDS:
         raise ConfigError(f"log_component_model: kind must be one of {list(COMPONENT_KINDS)}, got {kind!r}")
@@ -605,10 +548,6 @@ def load_model(uri: str, *, model_config: Mapping[str, Any] | None = None) -> An
 def main(argv: list[str] | None = None) -> int:
     """`python -m magicfuse.tracking start|end [--status S]`: open a fresh pipeline run
     before `dvc repro` (its stage runs nest under it) and close it afterwards."""
-    import argparse
-
-    from magicfuse.config import load_params
-
     ap = argparse.ArgumentParser(prog="python -m magicfuse.tracking", description=main.__doc__)
     ap.add_argument("action", choices=("start", "end"))
     ap.add_argument("--status", default="FINISHED", choices=("FINISHED", "FAILED", "KILLED"))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from magicfuse.errors import ConfigError
 from magicfuse.models import build_model
 from magicfuse.models.attention import AttentionWindow, spatial_attention
-from magicfuse.tiling import blend_weight_1d, tile_windows
+from magicfuse.models.geometry import blend_weight_1d, tile_windows
 
 
 def _qkv(h: int, w: int, heads: int = 2, d: int = 4, b: int = 2, seed: int = 0):

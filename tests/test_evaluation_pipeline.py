@@ -15,13 +15,12 @@ from magicfuse.errors import ConfigError, DataError
 from magicfuse.evaluation.ablation import (
     OURS_S_MIOU,
     VARIANT_LABELS,
-    image_noises,
     run_ablations,
     sample_set,
-    variant_nets,
     visual_means,
     write_ablation_report,
 )
+from magicfuse.inference import MagicFuse
 from magicfuse.evaluation.pipeline import (
     BASELINE_ROWS,
     ROW_CKG,
@@ -80,6 +79,12 @@ def setup(tmp_path_factory):
     })
     first = run_evaluation(cfg, pipeline_checkpoint=ckpt, shards_dir=shards, out_dir=root / "report")
     return {"root": root, "shards": shards, "ckpt": ckpt, "cfg": cfg, "nets": nets, "result": first}
+
+
+def _runner(setup, **settings):
+    n = setup["nets"]
+    sampler = {"steps": 2, "tau": 0.4, "thermal_classes": [1, 2], **settings}
+    return MagicFuse({"ae": n.ae, "ikr": n.ikr, "ckg": n.ckg, "fusion": n.fusion}, sampler, device="cpu")
 
 
 def test_report_files_and_metrics_json(setup):
@@ -194,34 +199,68 @@ def test_metric_names_are_mlflow_safe(setup):
 
 
 def test_sampling_independent_of_batching_and_order(setup):
-    nets = setup["nets"]
+    runner = _runner(setup)
     ev = load_eval_set(setup["shards"], "test", 2)
-    kw = dict(steps=2, tau=0.4, thermal_classes=(1, 2), seed=5, progress=False)
-    a = sample_set(nets, ev.degraded, ev.keys, batch_size=2, **kw)
-    b = sample_set(nets, ev.degraded[::-1], ev.keys[::-1], batch_size=1, **kw)
+    kw = dict(tau=0.4, seed=5, progress=False)
+    a = sample_set(runner, ev.degraded, ev.keys, batch_size=2, **kw)
+    b = sample_set(runner, ev.degraded[::-1], ev.keys[::-1], batch_size=1, **kw)
     for x, y in zip(a.magimg, b.magimg[::-1]):
         assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
-    c = sample_set(nets, ev.degraded[:1], ev.keys[:1], batch_size=1, **{**kw, "seed": 6})
+    c = sample_set(runner, ev.degraded[:1], ev.keys[:1], batch_size=1, **{**kw, "seed": 6})
     assert (a.magimg[0] != c.magimg[0]).any()
 
 
 def test_model1_uses_same_weights_with_zero_zhat(setup):
-    nets = setup["nets"]
-    v1 = variant_nets(nets, "model1")
-    assert v1.fusion is not nets.fusion and v1.fusion.config.use_zhat is False
-    for (k, p), (k2, q) in zip(nets.fusion.state_dict().items(), v1.fusion.state_dict().items()):
+    runner = _runner(setup)
+    v1 = runner.nets_for_variant("model1")
+    f = runner.base_nets.fusion
+    assert v1.fusion is not f and v1.fusion.config.use_zhat is False
+    for (k, p), (k2, q) in zip(f.state_dict().items(), v1.fusion.state_dict().items()):
         assert k == k2 and torch.equal(p, q)
-    z, ae, seg = image_noises(nets, "k", 0, H, W, with_seg=True)
-    assert z.shape == (1, 8, H // 4, W // 4) and seg.shape == (1, 9, H // 4, W // 4)
-    assert variant_nets(nets, "model3") is nets
+    assert runner.nets_for_variant("model3") is runner.nets
+    with pytest.raises(ConfigError, match="variant"):
+        runner.nets_for_variant("model9")
+
+
+def test_report_magimg_is_what_magicfuse_fuse_writes(setup, tmp_path):
+    """The report's MagImg of an image equals, byte for byte, what `magicfuse fuse --seed`
+    writes for the input file the report saved (same batch size: 1 on both sides)."""
+    from magicfuse.cli import main as cli_main
+    from magicfuse.imageio import read_image
+
+    cfg = EvaluateConfig.from_mapping({"max_images": 2, "batch_size": 1, "ablation_images": 1, "grid_images": 2,
+                                       "semantic": False, "taus": [0.4], "ablations": [], "seed": 11,
+                                       "promotion": {"semantic.Ours-S.mIoU": 1.0},
+                                       "progress": False, "device": "cpu"})
+    out = tmp_path / "report"
+    run_evaluation(cfg, pipeline_checkpoint=setup["ckpt"], shards_dir=setup["shards"], out_dir=out)
+    images = out / "figures" / "images"
+    saved = sorted(images.glob("*_magimg.png"))
+    assert len(saved) == 2
+    rc = cli_main(["fuse", str(images / "input"), "--recursive", "-o", str(tmp_path / "cli"), "--model",
+                   str(setup["ckpt"]), "--seed", "11", "--batch-size", "1", "--device", "cpu", "-q"])
+    assert rc == 0
+    for p in saved:
+        mine = read_image(tmp_path / "cli" / p.name, "rgb")
+        report = read_image(p, "rgb")
+        assert mine.shape == report.shape == (H, W, 3)
+        assert np.array_equal(mine, report), p.name
+    # premise: the two images differ from each other and from their inputs (a real sampler output)
+    a, b = (read_image(p, "rgb") for p in saved)
+    assert not np.array_equal(a, b)
+    # another seed gives other bytes (the seed reaches both sides)
+    rc = cli_main(["fuse", str(images / "input"), "--recursive", "-o", str(tmp_path / "cli2"), "--model",
+                   str(setup["ckpt"]), "--seed", "12", "--batch-size", "1", "--device", "cpu", "-q"])
+    assert rc == 0 and not np.array_equal(read_image(tmp_path / "cli2" / saved[0].name, "rgb"),
+                                          read_image(saved[0], "rgb"))
 
 
 def test_run_ablations_standalone_reuse_and_report(setup, tmp_path):
-    nets = setup["nets"]
+    runner = _runner(setup)
     ev = load_eval_set(setup["shards"], "test", 2)
-    kw = dict(steps=2, thermal_classes=(1, 2), seed=0, batch_size=2, progress=False)
-    main = sample_set(nets, ev.degraded, ev.keys, tau=0.4, **kw)
-    res = run_ablations(nets, ev.degraded, ev.keys, infrared=ev.infrared, visible=ev.clean, labels=ev.label,
+    kw = dict(seed=0, batch_size=2, progress=False)
+    main = sample_set(runner, ev.degraded, ev.keys, tau=0.4, **kw)
+    res = run_ablations(runner, ev.degraded, ev.keys, infrared=ev.infrared, visible=ev.clean, labels=ev.label,
                         taus=(0.0, 0.4), variants=("model4",), tau=0.4, metrics=("EN", "PSNR"),
                         reuse={("full", 0.4): main}, **kw)
     assert res.runs[("full", 0.4)].magimg[0] is main.magimg[0]  # reused, not rerun
@@ -232,7 +271,8 @@ def test_run_ablations_standalone_reuse_and_report(setup, tmp_path):
     paths = write_ablation_report(res, tmp_path / "abl")
     assert paths["tau_csv"].is_file() and paths["markdown"].is_file()
     with pytest.raises(ConfigError, match="variant"):
-        run_ablations(nets, ev.degraded, ev.keys, infrared=ev.infrared, visible=ev.clean, variants=("model9",), **kw)
+        run_ablations(runner, ev.degraded, ev.keys, infrared=ev.infrared, visible=ev.clean, variants=("model9",),
+                      **kw)
 
 
 def test_config_errors(setup, tmp_path):

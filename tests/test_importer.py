@@ -18,7 +18,8 @@ from magicfuse.checkpoint import (
     validate_state_dict,
 )
 from magicfuse.cli import main as cli_main
-from magicfuse.errors import CheckpointError
+from magicfuse.diffusion.settings import NoiseSchedule, SamplerSettings
+from magicfuse.errors import CheckpointError, ConfigError
 from magicfuse.models import AutoEncoder, ConditionalUNet, FusionNet, build_model
 from magicfuse.models.importer import import_official
 
@@ -108,15 +109,26 @@ def test_pipeline_round_trip(tmp_path):
     torch.manual_seed(0)
     nets = dict(ae=AutoEncoder(), ikr=build_model("unet", "ikr-tiny"), ckg=build_model("unet", "ckg-tiny"),
                 fusion=build_model("fusion", "fusion-tiny"))
-    sampler = {"steps": 25, "tau": 0.4, "thermal_classes": [1, 2]}
+    sampler = {"steps": 20, "tau": 0.3, "thermal_classes": [1, 2],
+               "schedule": {"num_train_steps": 500, "beta_start": 0.001, "beta_end": 0.02}}
     path = save_pipeline(tmp_path / "p.pt", **nets, sampler=sampler, profile="tiny")
     modules, payload = load_pipeline(path)
     assert sorted(modules) == ["ae", "ckg", "fusion", "ikr"]
-    assert payload["sampler"] == sampler and payload["profile"] == "tiny"
+    # the settings round-trip as SamplerSettings (the variant is filled in with its default)
+    assert payload["sampler"] == {**sampler, "variant": "full"} and payload["profile"] == "tiny"
+    assert SamplerSettings.from_mapping(payload["sampler"]).schedule == NoiseSchedule(500, 0.001, 0.02)
     assert set(payload["models"]["ikr"]) == {"kind", "config", "state_dict"}
     for name, net in nets.items():
         a, b = net.state_dict(), modules[name].state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a misspelt setting is refused when saving, and a file carrying one is refused when loading
+    with pytest.raises(ConfigError, match=r"unknown sampler setting\(s\) \['tua'\]"):
+        save_pipeline(tmp_path / "bad.pt", **nets, sampler={**sampler, "tua": 0.4})
+    raw = torch.load(path, weights_only=True)
+    raw["sampler"]["steps"] = 0
+    torch.save(raw, tmp_path / "bad_steps.pt")
+    with pytest.raises(CheckpointError, match=r"bad_steps\.pt: sampler settings.*steps must be an integer >= 1"):
+        load_pipeline(tmp_path / "bad_steps.pt")
     with pytest.raises(CheckpointError, match="'pipeline' checkpoint"):
         load_model(path)
     with pytest.raises(CheckpointError, match="'ikr' must be a 'unet'"):

@@ -21,6 +21,7 @@ from magicfuse.data.synthetic import generate_scene
 from magicfuse.diffusion.sampler import MagicFuseNets
 from magicfuse.diffusion.schedule import make_alphas_cumprod, make_ddim_schedule
 from magicfuse.imageio import read_image
+from magicfuse.inference import MagicFuse
 from magicfuse.errors import CheckpointError, ConfigError, TrainingError
 from magicfuse.models import build_model
 from magicfuse.training import (
@@ -426,7 +427,8 @@ def test_train_mkf_updates_fusion_and_bundles_pipeline(shards, ae_ckpt, unet_ckp
                     shards_dir=shards, out_dir=tmp_path)
     assert res.checkpoint == tmp_path / "pipeline.pt" and res.files["fusion"] == tmp_path / "fusion.pt"
     nets, payload = load_pipeline(res.checkpoint)
-    assert payload["sampler"] == {"steps": 4, "tau": 0.4, "thermal_classes": [2], "variant": "full"}
+    assert payload["sampler"] == {"steps": 4, "tau": 0.4, "thermal_classes": [2], "variant": "full",
+                                  "schedule": {"num_train_steps": 1000, "beta_start": 0.00085, "beta_end": 0.012}}
     for name, path in (("ae", ae_ckpt), ("ikr", unet_ckpts[0]), ("ckg", unet_ckpts[1])):
         original, _ = load_model(path)
         assert state_equal(nets[name].state_dict(), original.state_dict()), name
@@ -436,6 +438,30 @@ def test_train_mkf_updates_fusion_and_bundles_pipeline(shards, ae_ckpt, unet_ckp
     assert state_equal(trained.state_dict(), nets["fusion"].state_dict())
     assert not state_equal(trained.state_dict(), init.state_dict())
     assert {"contrast", "texture", "cb", "cr", "seg", "trunc_step"} <= set(res.history[0])
+
+
+def test_train_mkf_carries_the_denoisers_schedule_and_refuses_a_mismatch(shards, ae_ckpt, tmp_path):
+    """The pipeline samples with the schedule IKR and CKG were trained on (their train_config),
+    and MKF training refuses two denoisers trained on different schedules."""
+    d = tmp_path / "unets"
+    other = {"num_train_steps": 500, "beta_start": 0.001, "beta_end": 0.02}
+    with seeded(1):
+        save_model(d / "ikr.pt", build_model("unet", "ikr-tiny"), train_config=other)
+    with seeded(2):
+        save_model(d / "ckg.pt", build_model("unet", "ckg-tiny"), train_config=other)
+        save_model(d / "ckg_default.pt", build_model("unet", "ckg-tiny"), train_config={"num_train_steps": 1000})
+    cfg = from_mapping(MKFTrainConfig, {"steps": 1, "sampler_steps": 4, "crop": 16, "device": "cpu",
+                                        "progress": False, "log_every": 1})
+    res = train_mkf(cfg, ae_checkpoint=ae_ckpt, ikr_checkpoint=d / "ikr.pt", ckg_checkpoint=d / "ckg.pt",
+                    shards_dir=shards, out_dir=tmp_path / "ok")
+    _, payload = load_pipeline(res.checkpoint)
+    assert payload["sampler"]["schedule"] == other
+    # what the pipeline runs is that schedule: 4 leading-spaced steps over 500 training steps
+    runner = MagicFuse.from_pretrained(res.checkpoint, device="cpu")
+    assert runner.settings.ddim().pairs == ((375, 250), (250, 125), (125, 0), (0, -1))
+    with pytest.raises(ConfigError, match=r"different noise schedules.*500 steps.*1000 steps"):
+        train_mkf(cfg, ae_checkpoint=ae_ckpt, ikr_checkpoint=d / "ikr.pt", ckg_checkpoint=d / "ckg_default.pt",
+                  shards_dir=shards, out_dir=tmp_path / "bad")
 
 
 @pytest.mark.slow

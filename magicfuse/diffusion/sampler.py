@@ -52,7 +52,6 @@ autocast context the caller sets (e.g. bf16), and may be ``torch.compile``d.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Collection, Iterator, Literal, Sequence
 
@@ -60,15 +59,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from magicfuse.data.classes import THERMAL_CLASSES
 from magicfuse.diffusion.schedule import DDIMSchedule, ddim_step, eps_from_v, make_ddim_schedule, predict_x0
+from magicfuse.diffusion.settings import VARIANTS, SamplerSettings
 from magicfuse.errors import ConfigError, DataError
+from magicfuse.models.fusion import radiation_weight
+from magicfuse.models.geometry import LATENT_DOWNSCALE, required_multiple, unwrap
 from magicfuse.models.unet import prediction_of
 
 Variant = Literal["full", "model1", "model2", "model3", "model4"]
-VARIANTS: tuple[str, ...] = ("full", "model1", "model2", "model3", "model4")
 DECODABLE: tuple[str, ...] = ("magimg", "ikr", "ckg")  # images the sampler can decode
-LATENT_DOWNSCALE = 4
+DEFAULTS = SamplerSettings()  # the defaults of the keyword arguments below
 
 
 @dataclass
@@ -119,11 +119,6 @@ class SamplerOutput:
 # --------------------------------------------------------------------------- helpers
 
 
-def _unwrap(m: nn.Module) -> nn.Module:
-    """The original module behind a torch.compile wrapper."""
-    return getattr(m, "_orig_mod", m)
-
-
 def denoiser_eps(net: nn.Module, z_t: Tensor, t: Tensor, cond: Tensor, abar_t: Tensor) -> Tensor:
     """ε̂(z_t, t, c) of a denoiser in float32, whatever it predicts (ε or v, see `prediction_of`)."""
     out = net(z_t, t, cond).float()
@@ -131,36 +126,8 @@ def denoiser_eps(net: nn.Module, z_t: Tensor, t: Tensor, cond: Tensor, abar_t: T
 
 
 def _cfg(m: nn.Module):
-    m = _unwrap(m)
+    m = unwrap(m)
     return getattr(m, "config", None) or getattr(m, "cfg", None)
-
-
-def _unet_multiple(unet: nn.Module) -> int:
-    """Latent-size multiple a UNet needs (2^(levels-1))."""
-    m = _unwrap(unet)
-    if hasattr(m, "required_multiple"):
-        rm = m.required_multiple
-        return int(rm() if callable(rm) else rm)
-    cfg = _cfg(m)
-    mult = getattr(cfg, "channel_mult", None)
-    if mult is None:
-        raise ConfigError(f"sampler: cannot tell the down-sampling depth of {type(m).__name__}")
-    return 2 ** (len(mult) - 1)
-
-
-def required_multiple(nets: MagicFuseNets) -> int:
-    """Image height/width multiple the pipeline needs: 4 (AE) × the UNets' 2^(levels-1)
-    (× the fusion net's own multiple, if it declares one)."""
-    lat = 1
-    for unet in (nets.ikr, nets.ckg):
-        if unet is not None:
-            lat = math.lcm(lat, _unet_multiple(unet))
-    if nets.fusion is not None:
-        f = _unwrap(nets.fusion)
-        if hasattr(f, "required_multiple"):
-            rm = f.required_multiple
-            lat = math.lcm(lat, int(rm() if callable(rm) else rm))
-    return LATENT_DOWNSCALE * lat
 
 
 def _fusion_num_classes(fusion: nn.Module) -> int:
@@ -168,7 +135,7 @@ def _fusion_num_classes(fusion: nn.Module) -> int:
     for name in ("num_classes", "classes", "n_classes"):
         if cfg is not None and hasattr(cfg, name):
             return int(getattr(cfg, name))
-    raise ConfigError(f"sampler: cannot tell the number of classes of {type(_unwrap(fusion)).__name__}")
+    raise ConfigError(f"sampler: cannot tell the number of classes of {type(unwrap(fusion)).__name__}")
 
 
 def _fusion_flag(fusion: nn.Module, name: str, default: bool) -> bool:
@@ -234,12 +201,6 @@ def _frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _radiation_weight(w: Tensor, seg_logits: Tensor, thermal_classes: Sequence[int], tau: float) -> Tensor:
-    from magicfuse.models.fusion import radiation_weight
-
-    return radiation_weight(w, seg_logits, thermal_classes, tau)
-
-
 # --------------------------------------------------------------------------- sampler
 
 
@@ -247,9 +208,9 @@ def magicfuse_sample(
     nets: MagicFuseNets,
     image: Tensor | Sequence[Tensor],
     *,
-    steps: int = 25,
-    tau: float = 0.4,
-    thermal_classes: Sequence[int] = THERMAL_CLASSES,
+    steps: int = DEFAULTS.steps,
+    tau: float = DEFAULTS.tau,
+    thermal_classes: Sequence[int] = DEFAULTS.thermal_classes,
     variant: Variant = "full",
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
@@ -270,7 +231,9 @@ def magicfuse_sample(
     module docstring). ``decode``: True decodes all images, False none (image fields are
     None), or a subset of ``("magimg", "ikr", "ckg")`` (each decode is a full autoencoder
     pass, the most expensive part of a few-step run on big images).
-    ``schedule`` overrides the default 1000-step schedule (its length wins over ``steps``).
+    ``schedule`` is the DDIM schedule to run (`SamplerSettings.ddim`: the denoisers' training
+    schedule); None = ``steps`` steps over the default training schedule. Its length wins
+    over ``steps``.
     """
     if variant not in VARIANTS:
         raise ConfigError(f"magicfuse_sample: variant must be one of {list(VARIANTS)}, got {variant!r}")
@@ -369,7 +332,7 @@ def magicfuse_sample(
                 seg_state = out.seg_state
                 if use_seg:
                     seg_logits = out.seg_logits
-                    w_used = _radiation_weight(w_raw, seg_logits.float(), thermal_classes, tau)
+                    w_used = radiation_weight(w_raw, seg_logits.float(), thermal_classes, tau)
                 else:
                     w_used = w_raw
                 eps_f = w_used * eps_psi + (1.0 - w_used) * eps_phi
@@ -395,7 +358,7 @@ def magicfuse_sample(
                 out = nets.fusion(x0_psi, x0_phi, 0.5 * (x0_psi + x0_phi), eps_psi, eps_phi, t, seg_state)
             w_raw = out.w.float()
             seg_logits = out.seg_logits
-            w_used = _radiation_weight(w_raw, seg_logits.float(), thermal_classes, tau)
+            w_used = radiation_weight(w_raw, seg_logits.float(), thermal_classes, tau)
             zhat["f"] = w_used * x0_psi + (1.0 - w_used) * x0_phi
         elif variant == "model4":
             zhat["f"] = zhat["psi"]

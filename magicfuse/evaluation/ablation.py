@@ -21,19 +21,20 @@ The variants (DESIGN.md §1; `magicfuse.diffusion.sampler`):
 * ``model3`` — output fusion instead of noise fusion; ``model4`` — IKR only. These
   need no retraining, so they match the paper's protocol.
 
-Sampling is deterministic and independent of batching: every image gets its own
-z_T, encoder noise and segmentation noise, drawn from a generator seeded by
-``(seed, key)`` (`image_seed`). So one image gets the same starting noise in every
-run (τ values, variants, subsets), and runs differ only by what is being ablated.
-Image outputs are turned to uint8 by rounding (the authors' code truncates; see
-METRICS.md).
+Every run samples through the project's one runner, `magicfuse.inference.MagicFuse`
+(``run_batch`` with the variant): every image gets its own z_T, segmentation noise and
+encoder noise from a generator seeded by ``image_seed(seed, key)``, exactly as
+``magicfuse fuse --seed`` seeds a file whose name (relative, without suffix) is the
+key. So one image gets the same starting noise in every run (τ values, variants,
+subsets), runs differ only by what is being ablated, and a report image is what
+``magicfuse fuse`` writes for it (same batch size; other batch sizes agree up to
+rounding). Outputs are rounded to uint8 (the authors' code truncates; METRICS.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -41,11 +42,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from magicfuse.data.classes import IGNORE_INDEX, MFNET_CLASSES, NUM_CLASSES, THERMAL_CLASSES
-from magicfuse.diffusion.sampler import VARIANTS, MagicFuseNets, magicfuse_sample, required_multiple
+from magicfuse.data.classes import IGNORE_INDEX, MFNET_CLASSES, NUM_CLASSES
+from magicfuse.diffusion.settings import VARIANTS
 from magicfuse.errors import ConfigError, DataError
 from magicfuse.evaluation.metrics import compute_metrics_batch
+from magicfuse.evaluation.report import write_report
 from magicfuse.evaluation.segmentation import ConfusionMatrix
+from magicfuse.inference import MagicFuse, image_seed
 
 __all__ = [
     "ABLATION_VARIANTS",
@@ -53,12 +56,7 @@ __all__ = [
     "OURS_S_MIOU",
     "SampleRun",
     "AblationResult",
-    "image_seed",
-    "image_noises",
-    "variant_nets",
     "sample_set",
-    "to_uint8_rgb",
-    "to_uint8_gray",
     "visual_means",
     "segmentation_scores",
     "run_ablations",
@@ -86,75 +84,6 @@ OURS_S_MIOU = "Ours-S mIoU"
 
 
 # --------------------------------------------------------------------------- sampling
-
-
-def image_seed(seed: int, key: str) -> int:
-    """63-bit seed of one image's starting noises, from (seed, key) only."""
-    h = hashlib.sha256(f"magicfuse-eval\x00{int(seed)}\x00{key}".encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-def image_noises(nets: MagicFuseNets, key: str, seed: int, height: int, width: int,
-                 *, with_seg: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(z_T, encoder noise, segmentation noise) of one image, each with batch size 1,
-    at the padded latent size the sampler uses. Drawn on the CPU from `image_seed`."""
-    mult = required_multiple(nets)
-    hp, wp = height + (-height) % mult, width + (-width) % mult
-    ae_cfg = nets.ae.config
-    g = torch.Generator().manual_seed(image_seed(seed, key))
-    lat = int(getattr(ae_cfg, "latent_channels", 8))
-    z_t = torch.randn((1, lat, hp // 4, wp // 4), generator=g)
-    ae_shape = nets.ae.noise_shape(torch.empty(1, 3, hp, wp, device="meta"))
-    ae_noise = torch.randn(ae_shape, generator=g) * float(getattr(ae_cfg, "noise_scale", 1.0))
-    seg = None
-    if with_seg:
-        nc = int(nets.fusion.config.num_classes)
-        seg = torch.randn((1, nc, hp // 4, wp // 4), generator=g)
-    return z_t, ae_noise, seg
-
-
-def variant_nets(nets: MagicFuseNets, variant: str) -> MagicFuseNets:
-    """The networks to run `variant` with, from ONE trained full pipeline.
-
-    ``model1`` gets a copy of F with ``use_zhat=False`` and the same weights; the
-    other variants use the networks as they are (the sampler handles them).
-    """
-    if variant not in VARIANTS:
-        raise ConfigError(f"unknown sampler variant {variant!r}; expected one of {list(VARIANTS)}")
-    if variant in ("full", "model2", "model3", "model4"):
-        if variant != "model4" and nets.fusion is not None:
-            cfg = nets.fusion.config
-            if not cfg.use_zhat or not cfg.seg_head:
-                raise ConfigError(
-                    f"variant {variant!r} needs a full fusion network (use_zhat and seg_head); this one has "
-                    f"use_zhat={cfg.use_zhat}, seg_head={cfg.seg_head}"
-                )
-        return nets
-    # model1: same weights, ẑ0 slots zeroed
-    from magicfuse.models.fusion import FusionNet
-
-    if nets.fusion is None:
-        raise ConfigError("variant 'model1' needs the fusion network")
-    cfg = nets.fusion.config
-    if not cfg.seg_head:
-        raise ConfigError("variant 'model1' needs a fusion network with a segmentation head")
-    if not cfg.use_zhat:
-        return nets
-    param = next(nets.fusion.parameters())
-    f1 = FusionNet(dataclasses.replace(cfg, use_zhat=False)).to(device=param.device, dtype=param.dtype)
-    f1.load_state_dict(nets.fusion.state_dict(), strict=True)
-    f1.eval()
-    return MagicFuseNets(ae=nets.ae, ikr=nets.ikr, ckg=nets.ckg, fusion=f1)
-
-
-def to_uint8_rgb(x: torch.Tensor) -> np.ndarray:
-    """(B,3,H,W) float [0,1] -> (B,H,W,3) uint8, rounded."""
-    return (x.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def to_uint8_gray(x: torch.Tensor) -> np.ndarray:
-    """(B,1,H,W) float [0,1] -> (B,H,W) uint8, rounded."""
-    return (x.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)[:, 0].cpu().numpy()
 
 
 @dataclass
@@ -205,28 +134,20 @@ def _check_images(images: Sequence[np.ndarray], keys: Sequence[str]) -> None:
             raise DataError(f"sample_set: image {key!r} must be uint8 (H,W,3) RGB, got {a.dtype} {a.shape}")
 
 
-def sample_set(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Sequence[str], *,
-               steps: int, tau: float, thermal_classes: Sequence[int], variant: str = "full",
-               seed: int = 0, batch_size: int = 8, device: str | torch.device = "cpu",
+def sample_set(runner: MagicFuse, images: Sequence[np.ndarray], keys: Sequence[str], *,
+               tau: float | None = None, variant: str = "full", seed: int = 0, batch_size: int = 8,
                progress: bool = True, desc: str | None = None) -> SampleRun:
-    """Run the sampler on uint8 RGB images (degraded visible); batches group same-size images.
+    """Run `runner` (`MagicFuse.run_batch`) on uint8 RGB images; batches group same-size images.
 
-    Each image's noises come from `image_noises(key, seed)`, so results do not depend
-    on the batch composition (up to float rounding of batched kernels) or order.
-    Big images run with the windowed attention `magicfuse fuse` uses on the same device
-    (`tiling.TilingBudget.for_device`; on CPU above 4,096 latent positions, e.g. 640x480):
-    global attention over a 640x480 latent costs minutes per image on a CPU.
+    Image ``keys[i]`` is seeded with ``image_seed(seed, keys[i])``, as ``magicfuse fuse
+    --seed`` seeds a file named ``<key>.png``; results do not depend on the order, and on
+    the batch composition only up to float rounding of batched kernels. Big images run
+    with the runner's tiling budget (on CPU, window attention above 4,096 latent positions).
     """
-    import time
-
-    from magicfuse.tiling import TilingBudget, wrap_for_tiling
-
     _check_images(images, keys)
     if batch_size < 1:
         raise ConfigError(f"sample_set: batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device)
-    vnets = variant_nets(nets, variant)
-    with_seg = variant != "model4" and vnets.fusion is not None and bool(vnets.fusion.config.seg_head)
+    tau = runner.tau if tau is None else float(tau)
     n = len(images)
     out: dict[str, list[Any]] = {k: [None] * n for k in ("magimg", "ikr", "ckg", "ckg_ir", "seg")}
     by_size: dict[tuple[int, int], list[int]] = {}
@@ -234,31 +155,16 @@ def sample_set(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Sequence
         by_size.setdefault(tuple(np.asarray(img).shape[:2]), []).append(i)
     bar = _progress(n, desc or f"sample[{variant}, tau={tau:g}]", progress)
     t0 = time.perf_counter()
-    budget = TilingBudget.for_device(device)
-    for (h, w), idx in by_size.items():
-        size_nets = wrap_for_tiling(vnets, (h, w), budget)
+    wanted = ("magimg", "ikr", "ckg", "ckg_rgb", "seg")
+    for idx in by_size.values():
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
             x = torch.from_numpy(np.stack([np.asarray(images[i]) for i in chunk])).permute(0, 3, 1, 2)
-            x = (x.float() / 255.0).to(device)
-            noises = [image_noises(vnets, keys[i], seed, h, w, with_seg=with_seg) for i in chunk]
-            z_t = torch.cat([z for z, _, _ in noises]).to(device)
-            ae_noise = torch.cat([a for _, a, _ in noises]).to(device)
-            seg_noise = torch.cat([sn for _, _, sn in noises]).to(device) if with_seg else None
-            res = magicfuse_sample(size_nets, x, steps=steps, tau=float(tau), thermal_classes=tuple(thermal_classes),
-                                   variant=variant, noise=z_t, ae_noise=ae_noise, seg_noise=seg_noise)
-            fields = {
-                "magimg": to_uint8_rgb(res.magimg),
-                "ikr": to_uint8_rgb(res.ikr),
-                "ckg": to_uint8_rgb(res.ckg) if res.ckg is not None else None,
-                "ckg_ir": to_uint8_gray(res.ckg_ir) if res.ckg_ir is not None else None,
-                "seg": res.seg.to(torch.uint8).cpu().numpy() if res.seg is not None else None,
-            }
-            for name, arr in fields.items():
-                if arr is None:
-                    continue
-                for j, i in enumerate(chunk):
-                    out[name][i] = arr[j]
+            seeds = [image_seed(seed, keys[i]) for i in chunk]
+            results = runner.run_batch(x.float() / 255.0, seeds, tau=tau, variant=variant, outputs=wanted)
+            for i, r in zip(chunk, results):
+                out["magimg"][i], out["ikr"][i], out["ckg"][i] = r.magimg, r.ikr, r.ckg_rgb
+                out["ckg_ir"][i], out["seg"][i] = r.ckg, r.seg
             if bar is not None:
                 bar.update(len(chunk))
     if bar is not None:
@@ -268,7 +174,7 @@ def sample_set(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Sequence
         vals = out[name]
         return None if any(v is None for v in vals) else list(vals)
 
-    return SampleRun(keys=list(keys), variant=variant, tau=float(tau), steps=int(steps),
+    return SampleRun(keys=list(keys), variant=variant, tau=tau, steps=runner.steps,
                      magimg=full("magimg"), ikr=full("ikr"), ckg=full("ckg"), ckg_ir=full("ckg_ir"),
                      seg=full("seg"), seconds=time.perf_counter() - t0)
 
@@ -344,18 +250,18 @@ def _row_scores(run: SampleRun, infrared, visible, labels, metrics, num_classes,
     return row
 
 
-def run_ablations(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Sequence[str], *,
+def run_ablations(runner: MagicFuse, images: Sequence[np.ndarray], keys: Sequence[str], *,
                   infrared: Sequence[np.ndarray], visible: Sequence[np.ndarray],
                   labels: Sequence[np.ndarray] | None = None,
                   taus: Iterable[float] = (0.0, 0.2, 0.4, 0.6, 0.8),
                   variants: Iterable[str] = ABLATION_VARIANTS,
-                  steps: int = 25, tau: float = 0.4, thermal_classes: Sequence[int] = THERMAL_CLASSES,
-                  seed: int = 0, batch_size: int = 8, device: str | torch.device = "cpu",
+                  tau: float | None = None, seed: int = 0, batch_size: int = 8,
                   metrics: Sequence[str] = ("EN", "SSIM", "MI", "Qabf", "PSNR"),
                   conventions: Any = "reference",
                   reuse: Mapping[tuple[str, float], SampleRun] | None = None,
                   progress: bool = True) -> AblationResult:
-    """The τ sweep (variant ``full`` at each τ) and the ablation variants (at `tau`).
+    """The τ sweep (variant ``full`` at each τ) and the ablation variants (at `tau`,
+    default: the runner's), all sampled by `runner` (its steps and thermal classes).
 
     `images`: degraded visible uint8 (H,W,3) — the sampler input; `infrared` /
     `visible`: the metric sources A / B (uint8); `labels`: (H,W) class ids, 255 =
@@ -365,6 +271,8 @@ def run_ablations(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Seque
     """
     n = len(images)
     _check_images(images, keys)
+    tau = runner.tau if tau is None else float(tau)
+    steps = runner.steps
     if len(infrared) != n or len(visible) != n or (labels is not None and len(labels) != n):
         raise DataError("run_ablations: images, infrared, visible (and labels) must have the same length")
     taus = [float(t) for t in taus]
@@ -375,7 +283,8 @@ def run_ablations(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Seque
     for v in variants:
         if v not in VARIANTS:
             raise ConfigError(f"run_ablations: unknown variant {v!r}; expected some of {list(VARIANTS)}")
-    num_classes = int(nets.fusion.config.num_classes) if nets.fusion is not None else NUM_CLASSES
+    fusion = runner.base_nets.fusion
+    num_classes = int(fusion.config.num_classes) if fusion is not None else NUM_CLASSES
     runs: dict[tuple[str, float], SampleRun] = {}
 
     def get(variant: str, t: float) -> SampleRun:
@@ -388,8 +297,7 @@ def run_ablations(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Seque
                 raise DataError(f"run_ablations: the reused run for {k} was made on other images or steps")
             runs[k] = r.head(n)
         else:
-            runs[k] = sample_set(nets, images, keys, steps=steps, tau=t, thermal_classes=thermal_classes,
-                                 variant=variant, seed=seed, batch_size=batch_size, device=device,
+            runs[k] = sample_set(runner, images, keys, tau=t, variant=variant, seed=seed, batch_size=batch_size,
                                  progress=progress, desc=f"ablation[{variant}, tau={t:g}]")
         return runs[k]
 
@@ -410,8 +318,6 @@ def run_ablations(nets: MagicFuseNets, images: Sequence[np.ndarray], keys: Seque
 def write_ablation_report(result: AblationResult, out_dir: str | Path, *,
                           title: str = "MagicFuse ablations") -> dict[str, Path]:
     """Write the ablation table and the τ curve (CSV, JSON, PNG plot) with report.write_report."""
-    from magicfuse.evaluation.report import write_report
-
     notes = {VARIANT_LABELS[k]: v for k, v in VARIANT_NOTES.items()
              if any(r["name"] == VARIANT_LABELS[k] for r in result.variant_rows)}
     return write_report(out_dir, ablation_tables={"Models I-IV": result.variant_rows},

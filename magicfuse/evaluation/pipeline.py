@@ -5,9 +5,13 @@
 1. loads the pipeline bundle (`magicfuse.checkpoint.load_pipeline`) and the test
    split of the shards (degraded visible = the sampler's input; clean visible, real
    infrared and labels = references);
-2. runs the joint sampler (checkpoint's steps / τ / thermal classes unless the
-   config overrides them; per-image seeded noise, see `ablation.image_noises`) →
-   MagImg, IKR image, CKG image, segmentation map;
+2. runs the joint sampler through the project's one runner, `magicfuse.inference.MagicFuse`
+   (the checkpoint's `SamplerSettings` unless the config overrides steps / τ / thermal
+   classes; per-image seeded noise, see `ablation.sample_set`) → MagImg, IKR image, CKG
+   image, segmentation map. The grid images' inputs and MagImgs are also written as PNGs
+   (``figures/images/input/<key>.png``, ``figures/images/<key>_magimg.png``):
+   ``magicfuse fuse figures/images/input --recursive --seed <evaluate.seed> --batch-size
+   <evaluate.batch_size>`` writes the same bytes;
 3. **visual table** (Tables 2/4 shape): rows ``degraded input``, ``IKR``, ``CKG``,
    ``MagImg`` and, because the synthetic test split has a real infrared image,
    the classical fusions mean / max / Laplacian pyramid of the CLEAN visible and
@@ -48,8 +52,12 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from magicfuse.checkpoint import load_pipeline
 from magicfuse.config import from_mapping, to_dict
-from magicfuse.data.classes import IGNORE_INDEX, MFNET_CLASSES, NUM_CLASSES
+from magicfuse.data.classes import IGNORE_INDEX, MFNET_CLASSES, MFNET_PALETTE, NUM_CLASSES
+from magicfuse.data.shards import ShardDataset
+from magicfuse.devices import resolve_device
+from magicfuse.diffusion.settings import SamplerSettings
 from magicfuse.errors import ConfigError, DataError
 from magicfuse.evaluation.ablation import (
     ABLATION_VARIANTS,
@@ -62,8 +70,14 @@ from magicfuse.evaluation.ablation import (
     segmentation_scores,
     visual_means,
 )
+from magicfuse.evaluation.baselines import BASELINES
 from magicfuse.evaluation.metrics import METRIC_NAMES, rgb2gray
 from magicfuse.evaluation.objects import mean_box_contrast
+from magicfuse.evaluation.report import INFRARED_FLAG, make_grid, write_report
+from magicfuse.evaluation.segformer import config_from_mapping, run_protocol
+from magicfuse.evaluation.segmentation import colorize, legend_image
+from magicfuse.imageio import write_png
+from magicfuse.inference import MagicFuse
 from magicfuse.io import write_json_atomic, write_text_atomic
 
 __all__ = ["EvaluateConfig", "EvalSet", "load_eval_set", "run_evaluation", "resolve_metric_path",
@@ -173,7 +187,6 @@ class EvaluateConfig:
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(float(w)):
                 raise ConfigError(f"{where}.promotion[{path!r}]: weight must be a finite number, got {w!r}")
         if self.segformer:
-            from magicfuse.evaluation.segformer import config_from_mapping
 
             config_from_mapping(self.segformer)  # unknown keys / bad values fail now, not after sampling
         if self.device != "auto":
@@ -228,8 +241,6 @@ def load_eval_set(shards_dir: str | Path | Sequence[str | Path], split: str,
                   max_images: int | None = None) -> EvalSet:
     """The first `max_images` samples of `split` (shard order, folders in the given
     order) with every member decoded to uint8 numpy arrays."""
-    from magicfuse.data.shards import ShardDataset
-
     dirs = [Path(shards_dir)] if isinstance(shards_dir, (str, Path)) else [Path(d) for d in shards_dir]
     if not dirs:
         raise DataError("evaluation: no shards folder given")
@@ -260,28 +271,22 @@ def load_eval_set(shards_dir: str | Path | Sequence[str | Path], split: str,
 # --------------------------------------------------------------------------- helpers
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"evaluate.device is {name!r} but CUDA is not available here")
-    return dev
-
-
-def _sampler_settings(cfg: EvaluateConfig, payload: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
-    s = dict(payload.get("sampler") or {})
-    steps = cfg.steps if cfg.steps is not None else s.get("steps")
-    tau = cfg.tau if cfg.tau is not None else s.get("tau")
-    thermal = cfg.thermal_classes if cfg.thermal_classes is not None else s.get("thermal_classes")
-    missing = [n for n, v in (("steps", steps), ("tau", tau), ("thermal_classes", thermal)) if v is None]
-    if missing:
-        raise ConfigError(f"{ckpt}: the checkpoint's sampler settings lack {missing}; set them in evaluate:")
-    variant = s.get("variant", "full")
-    if variant != "full":
-        raise ConfigError(f"{ckpt}: the checkpoint's sampler variant is {variant!r}; the evaluation suite "
+def _sampler_settings(cfg: EvaluateConfig, payload: Mapping[str, Any], ckpt: Path) -> SamplerSettings:
+    """The checkpoint's sampler settings with the config's overrides (steps, τ, thermal classes)."""
+    s = SamplerSettings.from_mapping(payload.get("sampler"), where=f"{ckpt}: sampler settings")
+    if s.variant != "full":
+        raise ConfigError(f"{ckpt}: the checkpoint's sampler variant is {s.variant!r}; the evaluation suite "
                           "evaluates full pipelines (ablations are derived from them)")
-    return {"steps": int(steps), "tau": float(tau), "thermal_classes": tuple(int(c) for c in thermal)}
+    return s.replace(steps=cfg.steps, tau=cfg.tau, thermal_classes=cfg.thermal_classes)
+
+
+def _write_images(folder: Path, keys: Sequence[str], inputs: Sequence[np.ndarray],
+                  magimgs: Sequence[np.ndarray]) -> None:
+    """Inputs as ``input/<key>.png`` and MagImgs as ``<key>_magimg.png`` (the names
+    ``magicfuse fuse`` reads and writes, so the CLI reproduces these files)."""
+    for key, x, m in zip(keys, inputs, magimgs):
+        write_png(folder / "input" / f"{key}.png", x)
+        write_png(folder / f"{key}_magimg.png", m)
 
 
 def _gray(rgb: np.ndarray) -> np.ndarray:
@@ -414,13 +419,6 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
     Returns ``{"metrics": <what metrics.json holds>, "paths": {name: str path}}``.
     ``metrics["promotion_score"]`` is the number the model registry compares.
     """
-    from magicfuse.checkpoint import load_pipeline
-    from magicfuse.diffusion.sampler import MagicFuseNets
-    from magicfuse.evaluation.baselines import BASELINES
-    from magicfuse.evaluation.report import INFRARED_FLAG, make_grid, write_report
-    from magicfuse.data.classes import MFNET_PALETTE
-    from magicfuse.evaluation.segmentation import colorize, legend_image
-
     t_start = time.perf_counter()
     if cfg is None:
         cfg = EvaluateConfig()
@@ -428,19 +426,20 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
         cfg = EvaluateConfig.from_mapping(cfg)
     out = Path(out_dir)
     ckpt = Path(pipeline_checkpoint)
-    device = _device(cfg.device)
     say = print if cfg.progress else (lambda *a, **k: None)
 
     modules, payload = load_pipeline(ckpt, map_location="cpu")
-    nets = MagicFuseNets(**{k: modules[k].to(device).eval() for k in ("ae", "ikr", "ckg", "fusion")})
-    fus_cfg = nets.fusion.config
+    fus_cfg = modules["fusion"].config
     if not (fus_cfg.use_zhat and fus_cfg.seg_head):
         raise ConfigError(f"{ckpt}: the fusion network is an ablation (use_zhat={fus_cfg.use_zhat}, "
                           f"seg_head={fus_cfg.seg_head}); evaluate a full pipeline")
     num_classes = int(fus_cfg.num_classes)
     class_names = MFNET_CLASSES if num_classes == NUM_CLASSES else tuple(str(i) for i in range(num_classes))
-    s = _sampler_settings(cfg, payload, ckpt)
-    steps, tau, thermal = s["steps"], s["tau"], s["thermal_classes"]
+    settings = _sampler_settings(cfg, payload, ckpt)
+    runner = MagicFuse(modules, settings, device=resolve_device(cfg.device, what="evaluate.device"),
+                       source=str(ckpt))
+    device = runner.device
+    steps, tau, thermal = settings.steps, settings.tau, settings.thermal_classes
 
     test = load_eval_set(shards_dir, cfg.split, cfg.max_images)
     if not test.has_infrared():
@@ -460,10 +459,9 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
     say(f"evaluate: {len(test)} {cfg.split} images, steps={steps}, tau={tau:g}, thermal classes={list(thermal)}, "
         f"device={device}")
 
-    sample_kw = dict(steps=steps, thermal_classes=thermal, seed=cfg.seed, batch_size=cfg.batch_size,
-                     device=device, progress=cfg.progress)
+    sample_kw = dict(seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress)
     # ---- main run
-    main = sample_set(nets, test.degraded, test.keys, tau=tau, variant="full", desc=f"MagicFuse[{cfg.split}]",
+    main = sample_set(runner, test.degraded, test.keys, tau=tau, variant="full", desc=f"MagicFuse[{cfg.split}]",
                       **sample_kw)
     say(f"evaluate: sampled {len(test)} images in {main.seconds:.1f} s")
 
@@ -480,7 +478,7 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
     # ---- the sampler on the frames as captured (no synthetic degradation)
     captured = None
     if cfg.captured_inputs:
-        captured = sample_set(nets, test.clean, test.keys, tau=tau, variant="full",
+        captured = sample_set(runner, test.clean, test.keys, tau=tau, variant="full",
                               desc=f"MagicFuse[{cfg.split}, as captured]", **sample_kw)
         say(f"evaluate: sampled {len(test)} captured frames in {captured.seconds:.1f} s")
         for name, imgs in (("IKR (captured input)", captured.ikr), ("CKG (captured input)", captured.ckg),
@@ -520,7 +518,7 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
         semantic_rows.append(_seg_row(ROW_OURS_S, segmentation_scores(main.seg, test.label, num_classes,
                                                                         class_names)))
     if do_semantic:
-        protocol_rows, semantic_info = _segformer_protocol(cfg, nets, test, main, shards_dir, device,
+        protocol_rows, semantic_info = _segformer_protocol(cfg, runner, test, main, shards_dir, device,
                                                            sample_kw, tau, num_classes, say)
         semantic_rows = protocol_rows + semantic_rows  # Tables 3/5 order: image sets, then Ours-S
     else:
@@ -529,7 +527,7 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
 
     # ---- ablations (τ sweep + Models I-IV) on the first images
     n_abl = len(test) if cfg.ablation_images is None else min(cfg.ablation_images, len(test))
-    abl = run_ablations(nets, test.degraded[:n_abl], test.keys[:n_abl], infrared=test.infrared[:n_abl],
+    abl = run_ablations(runner, test.degraded[:n_abl], test.keys[:n_abl], infrared=test.infrared[:n_abl],
                         visible=ref_vis[:n_abl], labels=test.label[:n_abl] if labelled else None,
                         taus=cfg.taus, variants=cfg.ablations, tau=tau, metrics=cfg.sweep_metrics,
                         reuse={("full", tau): main}, **sample_kw)
@@ -547,6 +545,7 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
                  colorize(test.label[i]), test.infrared[i]] for i in range(n_grid)]
         grids.append(("Degraded input, branch outputs, MagImg and segmentation",
                       make_grid(rows, cols, row_labels=test.keys[:n_grid])))
+        _write_images(out / FIGURES / "images", test.keys[:n_grid], test.degraded[:n_grid], main.magimg[:n_grid])
         if num_classes <= len(MFNET_PALETTE):
             grids.append(("Class colours", legend_image(class_names, MFNET_PALETTE[:num_classes])))
 
@@ -621,12 +620,10 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
     return {"metrics": metrics, "paths": {k: str(v) for k, v in paths.items()} | {"figures": str(out / FIGURES)}}
 
 
-def _segformer_protocol(cfg: EvaluateConfig, nets: Any, test: EvalSet, main: SampleRun,
+def _segformer_protocol(cfg: EvaluateConfig, runner: MagicFuse, test: EvalSet, main: SampleRun,
                         shards_dir: Any, device: torch.device, sample_kw: dict[str, Any], tau: float,
                         num_classes: int, say: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """SegFormer retrained on degraded / IKR / MagImg train images, scored on the matching test images."""
-    from magicfuse.evaluation.segformer import config_from_mapping, run_protocol
-
     seg_map = dict(cfg.segformer)
     seg_map.setdefault("device", str(device))
     seg_map.setdefault("num_classes", num_classes)
@@ -643,7 +640,7 @@ def _segformer_protocol(cfg: EvaluateConfig, nets: Any, test: EvalSet, main: Sam
         raise DataError(f"evaluation: the SegFormer protocol needs one image size; found {sorted(sizes)} "
                         "(evaluate a single-size data set or set evaluate.semantic: false)")
     say(f"evaluate: sampling {len(train)} {cfg.segformer_train_split} images for the SegFormer protocol")
-    tr = sample_set(nets, train.degraded, train.keys, tau=tau, variant="full",
+    tr = sample_set(runner, train.degraded, train.keys, tau=tau, variant="full",
                     desc=f"MagicFuse[{cfg.segformer_train_split}]", **sample_kw)
 
     def tens(imgs: Sequence[np.ndarray]) -> torch.Tensor:

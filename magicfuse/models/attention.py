@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from magicfuse.errors import ConfigError
+from magicfuse.models.geometry import blend_weight_1d, tile_windows
 
 __all__ = ["AttentionWindow", "spatial_attention"]
 
@@ -64,8 +65,6 @@ def spatial_attention(q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int],
     h, w = int(hw[0]), int(hw[1])
     if window is None or not window.applies(h, w):
         return F.scaled_dot_product_attention(q, k, v)
-    from magicfuse.tiling import blend_weight_1d, tile_windows
-
     B, H, n, d = q.shape
     if n != h * w:
         raise ConfigError(f"spatial_attention: {n} positions do not form a {h}x{w} map")

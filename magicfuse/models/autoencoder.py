@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from magicfuse.errors import ConfigError, DataError
 

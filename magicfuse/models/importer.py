@@ -23,6 +23,7 @@ import torch
 
 from magicfuse.checkpoint import pipeline_payload, save_checkpoint, validate_state_dict
 from magicfuse.config import to_dict
+from magicfuse.diffusion.settings import SamplerSettings
 from magicfuse.errors import CheckpointError
 from magicfuse.models.presets import build_model, resolve_config
 
@@ -30,9 +31,9 @@ CONTAINER_KEYS = ("state_dict", "model", "params_ema", "ema", "net", "params", "
 PREFIXES = ("module.", "model.diffusion_model.", "diffusion_model.", "model.")
 PART_PRESETS = {"ae": "ae", "ikr": "ikr-paper", "ckg": "ckg-paper", "fusion": "fusion-paper"}
 PART_KIND = {"ae": "ae", "ikr": "unet", "ckg": "unet", "fusion": "fusion"}
-# The authors' released sampler: 25 DDIM steps, tau = 0.4, only "person" (class 2) is thermal.
-OFFICIAL_SAMPLER = {"steps": 25, "tau": 0.4, "thermal_classes": [2], "num_train_steps": 1000,
-                    "beta_start": 0.00085, "beta_end": 0.012}
+# The authors' released sampler: 25 DDIM steps, tau = 0.4, only "person" (class 2) is thermal,
+# the default schedule (linear beta 0.00085..0.012 over 1000 steps).
+OFFICIAL_SAMPLER = SamplerSettings(steps=25, tau=0.4, thermal_classes=(2,))
 
 
 def read_torch_file(path: str | Path, *, allow_pickle: bool = False) -> Any:
@@ -157,7 +158,7 @@ def import_official(
     out = Path(out)
     provenance = {str(part): str(path) for part, path in given.items()}
     if bundle:
-        settings = {**OFFICIAL_SAMPLER, **dict(sampler or {})}
+        settings = OFFICIAL_SAMPLER.replace(**dict(sampler or {}))
         payload = pipeline_payload(entries, sampler=settings, source="official", imported_from=provenance)
         return [save_checkpoint(out, payload)]
     if out.exists() and not out.is_dir():

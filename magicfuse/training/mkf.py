@@ -26,10 +26,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from magicfuse.checkpoint import load_model, save_model, save_pipeline
 from magicfuse.config import to_dict
-from magicfuse.data.classes import SEG_CLASS_WEIGHTS, THERMAL_CLASSES
+from magicfuse.data.classes import SEG_CLASS_WEIGHTS
+from magicfuse.data.shards import manifest_hash
 from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
-from magicfuse.diffusion.schedule import make_ddim_schedule
+from magicfuse.diffusion.settings import NoiseSchedule, SamplerSettings
 from magicfuse.errors import ConfigError
 from magicfuse.models import build_model, model_config
 from magicfuse.training import distributed as ddp
@@ -60,9 +62,9 @@ class MKFTrainConfig(TrainConfig):
     lr_decay_gamma: float = 0.5
     grad_clip: float = 0.0
     ema_decay: float = 0.0
-    sampler_steps: int = 25
-    tau: float = 0.4
-    thermal_classes: tuple[int, ...] = THERMAL_CLASSES  # car, person (the paper); the authors' code uses (2,)
+    sampler_steps: int = SamplerSettings.steps
+    tau: float = SamplerSettings.tau
+    thermal_classes: tuple[int, ...] = SamplerSettings().thermal_classes  # car, person (the paper); the authors' code uses (2,)
     variant: Literal["full", "model1", "model2", "model3"] = "full"
     w_contrast: float = 6.0
     w_texture: float = 10.0
@@ -88,10 +90,11 @@ class MKFTrainConfig(TrainConfig):
         return FusionLossWeights(contrast=self.w_contrast, texture=self.w_texture, cb=self.w_cb, cr=self.w_cr,
                                  seg=self.w_seg, seg_class_weights=tuple(self.seg_class_weights or SEG_CLASS_WEIGHTS))
 
-    @property
-    def sampler_settings(self) -> dict[str, Any]:
-        return {"steps": self.sampler_steps, "tau": self.tau, "thermal_classes": list(self.thermal_classes),
-                "variant": self.variant}
+    def sampler_settings(self, schedule: NoiseSchedule) -> SamplerSettings:
+        """What the trained pipeline samples with: this config's steps, τ, thermal classes and
+        variant over `schedule` (the denoisers' training schedule)."""
+        return SamplerSettings(steps=self.sampler_steps, tau=self.tau, thermal_classes=tuple(self.thermal_classes),
+                               variant=self.variant, schedule=schedule)
 
 
 def mkf_loss(fusion: nn.Module, frozen: MagicFuseNets, batch: dict[str, Any], generator: torch.Generator,
@@ -112,15 +115,22 @@ def mkf_loss(fusion: nn.Module, frozen: MagicFuseNets, batch: dict[str, Any], ge
 def train_mkf(cfg: MKFTrainConfig, *, ae_checkpoint: str | Path, ikr_checkpoint: str | Path,
               ckg_checkpoint: str | Path, shards_dir: str | Path, out_dir: str | Path,
               logger: Logger | None = None, artifacts: ArtifactFn | None = None) -> TrainResult:
-    """Train F and S; writes `out_dir/fusion.pt` and `out_dir/pipeline.pt` (returned as `checkpoint`)."""
-    from magicfuse.checkpoint import load_model, save_model, save_pipeline
-    from magicfuse.data.shards import manifest_hash
+    """Train F and S; writes `out_dir/fusion.pt` and `out_dir/pipeline.pt` (returned as `checkpoint`).
 
+    IKR and CKG must have been trained on the same noise schedule (their ``train_config``);
+    MKF training, the preview and the bundle's `SamplerSettings` use that schedule.
+    """
     info = ddp.init_distributed(cfg.device)
     device = ddp.resolve_device(cfg.device, info)
     ae = freeze(load_autoencoder(ae_checkpoint)).to(device)
-    ikr = freeze(load_model(ikr_checkpoint, kind="unet")[0]).to(device)
-    ckg = freeze(load_model(ckg_checkpoint, kind="unet")[0]).to(device)
+    ikr, ikr_payload = load_model(ikr_checkpoint, kind="unet")
+    ckg, ckg_payload = load_model(ckg_checkpoint, kind="unet")
+    noise_schedule = NoiseSchedule.common({
+        f"IKR {ikr_checkpoint}": NoiseSchedule.of_denoiser(ikr_payload.get("train_config")),
+        f"CKG {ckg_checkpoint}": NoiseSchedule.of_denoiser(ckg_payload.get("train_config")),
+    })
+    settings = cfg.sampler_settings(noise_schedule)
+    ikr, ckg = freeze(ikr).to(device), freeze(ckg).to(device)
     frozen = MagicFuseNets(ae=ae, ikr=ikr, ckg=ckg, fusion=None)
     if cfg.init_from:
         fusion, _ = load_model(cfg.init_from, kind="fusion")
@@ -131,14 +141,14 @@ def train_mkf(cfg: MKFTrainConfig, *, ae_checkpoint: str | Path, ikr_checkpoint:
     if cfg.seg_class_weights is not None and len(cfg.seg_class_weights) != num_classes:
         raise ConfigError(f"MKFTrainConfig.seg_class_weights has {len(cfg.seg_class_weights)} weights but the "
                           f"fusion network {cfg.model!r} segments {num_classes} classes")
-    schedule = make_ddim_schedule(cfg.sampler_steps, device=device)
+    schedule = settings.ddim(device)
     members = ("degraded", "label")
     loader = shard_loader(shards_dir, cfg, info, members)
 
     def export(module: nn.Module, out: Path) -> dict[str, Path]:
         fusion_path = save_model(out / "fusion.pt", module, kind="fusion", train_config=to_dict(cfg),
-                                 sampler=cfg.sampler_settings)
-        pipe_path = save_pipeline(out / "pipeline.pt", ae, ikr, ckg, module, sampler=cfg.sampler_settings,
+                                 sampler=settings.to_dict())
+        pipe_path = save_pipeline(out / "pipeline.pt", ae, ikr, ckg, module, sampler=settings,
                                   train_config=to_dict(cfg))
         return {"pipeline": pipe_path, "fusion": fusion_path}
 
