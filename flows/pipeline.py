@@ -41,7 +41,7 @@ from prefect.task_runners import ProcessPoolTaskRunner  # noqa: E402
 
 from magicfuse import pipeline, tracking  # noqa: E402
 from magicfuse.config import check_sections, deep_merge, load_params  # noqa: E402
-from magicfuse.errors import ConfigError  # noqa: E402
+from magicfuse.errors import ConfigError, MagicFuseError  # noqa: E402
 
 RUN_ID_ENV = "MAGICFUSE_PIPELINE_RUN_ID"
 
@@ -52,13 +52,15 @@ RUN_ID_ENV = "MAGICFUSE_PIPELINE_RUN_ID"
 def resolve_params(params_path: str = "params.yaml", profile: str | None = None,
                    overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`load_params(params_path)`, with `profile` (when given) selected as if it were written
-    in the file, then `overrides` deep-merged over it."""
+    in the file, then `overrides` deep-merged over it; the result is validated whole
+    (`magicfuse.pipeline.validate_params`) before any step runs."""
     params = load_params(params_path, profile=profile)
     if overrides:
         if not isinstance(overrides, Mapping):
             raise ConfigError(f"flow parameter overrides must be a mapping, got {overrides!r}")
         check_sections(overrides, "flow parameter overrides")
         params = deep_merge(params, overrides)
+    pipeline.validate_params(params, f"{params_path} (profile {params.get('profile', 'tiny')}, with overrides)")
     return params
 
 
@@ -219,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flow", choices=("pipeline", "data", "train", "evaluate"), default="pipeline",
                     help="which flow to run (default: the whole pipeline)")
     args = ap.parse_args(argv)
-    from magicfuse.errors import MagicFuseError
-
     flows = {"pipeline": magicfuse_pipeline, "data": data_flow, "train": train_flow, "evaluate": evaluate_flow}
     try:
         overrides = parse_set(args.sets) or None

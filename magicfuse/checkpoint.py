@@ -28,6 +28,7 @@ from torch import nn
 from magicfuse.diffusion.settings import SamplerSettings
 from magicfuse.errors import CheckpointError, ConfigError, MagicFuseError
 from magicfuse.io import atomic_path
+from magicfuse.models.presets import build_model, model_config, model_kind
 
 FORMAT = "magicfuse"
 VERSION = 1
@@ -152,8 +153,6 @@ def validate_state_dict(model: nn.Module, state_dict: Mapping[str, Any], source:
 
 def model_from_entry(entry: Mapping[str, Any], source: str) -> nn.Module:
     """Build the network described by {"kind","config","state_dict"} and load its weights (strict)."""
-    from magicfuse.models.presets import build_model
-
     try:
         with torch.device("meta"):
             skeleton = build_model(entry["kind"], entry["config"])
@@ -175,8 +174,6 @@ def model_from_entry(entry: Mapping[str, Any], source: str) -> nn.Module:
 
 def model_entry(model: nn.Module) -> dict[str, Any]:
     """{"kind","config","state_dict"} of a built network (tensors copied to CPU)."""
-    from magicfuse.models.presets import model_config, model_kind
-
     return {"kind": model_kind(model), "config": model_config(model), "state_dict": _cpu_state_dict(model.state_dict())}
 
 

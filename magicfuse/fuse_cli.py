@@ -43,6 +43,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from magicfuse.errors import DataError, MagicFuseError
+from magicfuse.evaluation.report import make_grid
+from magicfuse.evaluation.segmentation import legend_image
+from magicfuse.imageio import IMAGE_EXTENSIONS, image_size, read_image, write_png
+from magicfuse.inference import MagicFuse, image_seed
 
 DEFAULT_MODEL = "models:/magicfuse@champion"
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -87,8 +91,6 @@ class Summary:
 
 
 def _is_image(p: Path) -> bool:
-    from magicfuse.imageio import IMAGE_EXTENSIONS
-
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
@@ -176,8 +178,6 @@ def _check_outdir(outdir: Path) -> None:
 
 
 def _grid(image: np.ndarray, r: Any) -> np.ndarray:
-    from magicfuse.evaluation.report import make_grid
-
     h, w = image.shape[:2]
     ch = int(min(h, 256))
     cw = max(8, int(round(w * ch / h)))
@@ -187,8 +187,6 @@ def _grid(image: np.ndarray, r: Any) -> np.ndarray:
 
 
 def _write_outputs(paths: dict[str, Path], image: np.ndarray, r: Any) -> None:
-    from magicfuse.imageio import write_png
-
     arrays = {"magimg": r.magimg, "ikr": r.ikr, "ckg": r.ckg, "seg": r.seg_color}
     for kind, path in paths.items():
         if kind == "grid":
@@ -220,10 +218,6 @@ def fuse_files(
     """
     import torch
     from tqdm import tqdm
-
-    from magicfuse.evaluation.segmentation import legend_image
-    from magicfuse.imageio import image_size, read_image, write_png
-    from magicfuse.inference import image_seed
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     summary = Summary()
@@ -335,8 +329,6 @@ def _positive(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``magicfuse fuse`` (returns the exit status)."""
-    from magicfuse.inference import MagicFuse
-
     def say(msg: str) -> None:
         print(msg, file=sys.stderr)
 

@@ -17,11 +17,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from magicfuse.config import ConfigError, from_mapping, load_params, section, to_dict
+from magicfuse import tracking
+from magicfuse.config import ConfigError, check_sections, from_mapping, section, to_dict
+from magicfuse.config import load_params as read_params
+from magicfuse.data.readers import READERS, open_reader, reader_options_error
+from magicfuse.data.shards import ShardConfig, write_shards
+from magicfuse.data.degrade import DegradationConfig
+from magicfuse.data.synthetic import write_synthetic_dataset
+from magicfuse.devices import resolve_device
+from magicfuse.evaluation.pipeline import EvaluateConfig, run_evaluation
 from magicfuse.io import write_json_atomic
+from magicfuse.training.ae import AETrainConfig, train_autoencoder
+from magicfuse.training.ldm import LDMTrainConfig
+from magicfuse.training.ldm import train_ldm as train_denoiser
+from magicfuse.training.mkf import MKFTrainConfig
+from magicfuse.training.mkf import train_mkf as train_fusion
 
 __all__ = [
-    "ARTIFACTS", "REPORTS", "STAGES", "load_params", "synthesize", "shards", "train_ae", "train_ldm",
+    "ARTIFACTS", "REPORTS", "STAGES", "load_params", "validate_params", "synthesize", "shards", "train_ae", "train_ldm",
     "train_mkf", "evaluate", "run_stage",
 ]
 
@@ -87,6 +100,47 @@ def shard_dirs(params: Mapping[str, Any]) -> list[Path]:
     return [Path(cfg.out_dir) / name for name in active_sources(params)]
 
 
+def validate_params(params: Mapping[str, Any], where: str = "params.yaml") -> None:
+    """Check a whole (merged) parameters dict before any stage runs: its sections, every
+    section's typed config, every shard source with its reader options and degradation
+    settings, and the top-level device. Raises ConfigError naming the key at fault."""
+    check_sections(params, where)
+    resolve_device(str(params.get("device", "auto")), what=f"{where}:device")
+    from_mapping(SynthesizeConfig, params.get("synthesize") or {}, where=f"{where}:synthesize")
+    shards_cfg = from_mapping(ShardsStageConfig, params.get("shards") or {"sources": {}}, where=f"{where}:shards")
+    if shards_cfg.degradation is not None:
+        from_mapping(DegradationConfig, shards_cfg.degradation, where=f"{where}:shards.degradation")
+    for name, raw in shards_cfg.sources.items():
+        if raw is None:
+            continue
+        at = f"{where}:shards.sources.{name}"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{at}: expected a mapping (kind, root, splits, options), got {raw!r}")
+        src = from_mapping(SourceConfig, raw, where=at)
+        if src.kind not in READERS:
+            raise ConfigError(f"{at}.kind: unknown reader kind {src.kind!r}; known: {sorted(READERS)}")
+        for split in src.splits:
+            try:
+                problem = reader_options_error(src.kind, src.reader_options(split))
+            except ConfigError as exc:
+                raise ConfigError(f"{at}: {exc}") from None
+            if problem:
+                raise ConfigError(f"{at} (split {split!r}): {problem}")
+    for name, cls in (("train_ae", AETrainConfig), ("train_ikr", LDMTrainConfig), ("train_ckg", LDMTrainConfig),
+                      ("train_mkf", MKFTrainConfig), ("evaluate", EvaluateConfig), ("tracking", TrackingConfig)):
+        if name in params:
+            from_mapping(cls, params[name] or {}, where=f"{where}:{name}")
+
+
+def load_params(path: str | Path = "params.yaml", *, profile: str | None = None) -> dict[str, Any]:
+    """`magicfuse.config.load_params` (params.yaml with its profile merged in), validated
+    whole by `validate_params`: a typo anywhere fails before the first stage starts."""
+    params = read_params(path, profile=profile)
+    validate_params(params, str(path) + (f" (profile {params.get('profile')})" if params.get("profile", "tiny")
+                                         != "tiny" else ""))
+    return params
+
+
 def _stage_reports(stage: str) -> Path:
     path = REPORTS / stage
     path.mkdir(parents=True, exist_ok=True)
@@ -112,8 +166,6 @@ def _device(params: Mapping[str, Any], cfg_device: str) -> str:
 
 def synthesize(params: Mapping[str, Any]) -> dict[str, Any]:
     """Generate the built-in synthetic scenes (MSRS layout) under artifacts/scenes."""
-    from magicfuse import tracking
-    from magicfuse.data.synthetic import write_synthetic_dataset
 
     cfg = section(params, "synthesize", SynthesizeConfig)
     splits = cfg.splits or {"train": 192, "val": 16, "test": 32}
@@ -129,9 +181,6 @@ def synthesize(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def shards(params: Mapping[str, Any], source: str | None = None) -> dict[str, Any]:
     """Degrade and pack one source (or all) into WebDataset shards + parquet manifest."""
-    from magicfuse import tracking
-    from magicfuse.data.readers import open_reader
-    from magicfuse.data.shards import ShardConfig, write_shards
 
     cfg = section(params, "shards", ShardsStageConfig)
     names = [source] if source else active_sources(params)
@@ -164,9 +213,7 @@ def shards(params: Mapping[str, Any], source: str | None = None) -> dict[str, An
 
 
 def train_ae(params: Mapping[str, Any]) -> dict[str, Any]:
-    from magicfuse import tracking
-    from magicfuse.training.ae import AETrainConfig, train_autoencoder
-
+    """Train the autoencoder (artifacts/ae) and register it."""
     cfg = section(params, "train_ae", AETrainConfig)
     cfg = _with_device(cfg, params)
     out_dir = ARTIFACTS / "ae"
@@ -178,39 +225,33 @@ def train_ae(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def train_ldm(params: Mapping[str, Any], branch: str) -> dict[str, Any]:
-    from magicfuse import tracking
-    from magicfuse.training.ldm import LDMTrainConfig, train_ldm as _train
-
+    """Train the IKR or CKG denoiser (`branch`) on the autoencoder's latents and register it."""
     stage = f"train_{branch}"
     cfg = _with_device(section(params, stage, LDMTrainConfig), params)
     out_dir = ARTIFACTS / branch
     ae_ckpt = ARTIFACTS / "ae" / "ae.pt"
     with _stage_run(params, stage, {stage: to_dict(cfg)}):
-        res = _train(cfg, branch=branch, ae_checkpoint=ae_ckpt, shards_dir=_one_shards_dir(params),
-                     out_dir=out_dir, logger=tracking.MetricLogger("train/"))
+        res = train_denoiser(cfg, branch=branch, ae_checkpoint=ae_ckpt, shards_dir=_one_shards_dir(params),
+                             out_dir=out_dir, logger=tracking.MetricLogger("train/"))
         _finish_training(stage, out_dir, res)
         _register_component(params, branch, res.checkpoint, ae_checkpoint=ae_ckpt)
     return _result_summary(res)
 
 
 def train_mkf(params: Mapping[str, Any]) -> dict[str, Any]:
-    from magicfuse import tracking
-    from magicfuse.training.mkf import MKFTrainConfig, train_mkf as _train
-
+    """Train the fusion network and head (Algorithm 1) and bundle the pipeline (artifacts/mkf)."""
     cfg = _with_device(section(params, "train_mkf", MKFTrainConfig), params)
     out_dir = ARTIFACTS / "mkf"
     with _stage_run(params, "train_mkf", {"train_mkf": to_dict(cfg)}):
-        res = _train(cfg, ae_checkpoint=ARTIFACTS / "ae" / "ae.pt", ikr_checkpoint=ARTIFACTS / "ikr" / "ikr.pt",
-                     ckg_checkpoint=ARTIFACTS / "ckg" / "ckg.pt", shards_dir=_one_shards_dir(params),
-                     out_dir=out_dir, logger=tracking.MetricLogger("train/"))
+        res = train_fusion(cfg, ae_checkpoint=ARTIFACTS / "ae" / "ae.pt",
+                           ikr_checkpoint=ARTIFACTS / "ikr" / "ikr.pt", ckg_checkpoint=ARTIFACTS / "ckg" / "ckg.pt",
+                           shards_dir=_one_shards_dir(params), out_dir=out_dir, logger=tracking.MetricLogger("train/"))
         _finish_training("train_mkf", out_dir, res)
     return _result_summary(res)
 
 
 def evaluate(params: Mapping[str, Any]) -> dict[str, Any]:
     """Evaluate the trained pipeline, write the report, register and promote the model."""
-    from magicfuse import tracking
-    from magicfuse.evaluation.pipeline import EvaluateConfig, run_evaluation
 
     cfg = _with_device(section(params, "evaluate", EvaluateConfig), params)
     reports = _stage_reports("evaluate")
@@ -282,7 +323,6 @@ def _tracking_cfg(params: Mapping[str, Any]) -> TrackingConfig:
 
 def _stage_run(params: Mapping[str, Any], stage: str, stage_params: Mapping[str, Any]):
     """The MLflow run of one stage, in the experiment named by params.yaml:tracking."""
-    from magicfuse import tracking
 
     logged = {**stage_params, "profile": params.get("profile", "tiny")}
     return tracking.stage_run(stage, params=logged, experiment=_tracking_cfg(params).experiment)
@@ -290,7 +330,6 @@ def _stage_run(params: Mapping[str, Any], stage: str, stage_params: Mapping[str,
 
 def _register_component(params: Mapping[str, Any], kind: str, checkpoint: Path,
                         ae_checkpoint: Path | None = None) -> None:
-    from magicfuse import tracking
 
     cfg = _tracking_cfg(params)
     if cfg.register:
@@ -300,7 +339,6 @@ def _register_component(params: Mapping[str, Any], kind: str, checkpoint: Path,
 
 def _register_pipeline(params: Mapping[str, Any], checkpoint: Path, *, eval_run_id: str) -> dict[str, Any] | None:
     """Register the pipeline model from the evaluate run and move @champion if it beats the holder."""
-    from magicfuse import tracking
 
     cfg = _tracking_cfg(params)
     if not cfg.register:
@@ -326,7 +364,6 @@ def _with_device(cfg: Any, params: Mapping[str, Any]) -> Any:
 
 
 def _finish_training(stage: str, out_dir: Path, res: Any) -> None:
-    from magicfuse import tracking
 
     _publish_training_outputs(stage, out_dir)
     tracking.log_metrics(res.final_metrics, prefix="final.")

@@ -23,6 +23,7 @@ if str(REPO) not in sys.path:  # also set by pytest (pythonpath = ["."]); kept f
     sys.path.insert(0, str(REPO))
 
 from flows import pipeline as fp  # noqa: E402
+from magicfuse import pipeline  # noqa: E402
 from magicfuse.errors import ConfigError  # noqa: E402
 
 # Small enough for ~a minute on 2 CPU cores; every stage still really runs.
@@ -281,3 +282,27 @@ def test_misspelt_sections_are_errors_in_files_profiles_and_overrides(tmp_path):
     # every section of the real files is known
     for prof in (None, "paper", "real"):
         fp.resolve_params(str(REPO / "params.yaml"), profile=prof)
+
+
+@pytest.mark.parametrize("where, override, message", [
+    ("a key inside a training section", "train_ikr.stesp=3", r"train_ikr: unknown key\(s\) \['stesp'\]"),
+    ("a reader option of a shard source", "shards.sources.synthetic.options.boxes_dri=x",
+     r"shards\.sources\.synthetic \(split 'train'\): msrs reader: unknown option\(s\) \['boxes_dri'\]"),
+    ("a degradation key", "shards.degradation.kindz=[haze]", r"shards\.degradation: unknown key\(s\) \['kindz'\]"),
+    ("a promotion path", "evaluate.promotion={semantics.MagImg.mIoU: 1}",
+     r"promotion: 'semantics\.MagImg\.mIoU' does not start with a section of metrics\.json"),
+    ("the top-level device", "device=tpu", r"device must be auto, cpu or cuda\[:N\], got 'tpu'"),
+    ("an evaluation dict value", "evaluate.segformer={epohcs: 2}", r"epohcs"),
+])
+def test_the_whole_parameters_file_is_validated_before_any_stage(where, override, message):
+    """A typo anywhere in params.yaml, a profile or a --set override fails when the parameters
+    are read (naming the key), not silently and not after earlier stages ran."""
+    good = fp.resolve_params(str(REPO / "params.yaml"))
+    assert good["train_ikr"]["steps"] > 0  # premise: the shipped file validates
+    with pytest.raises(ConfigError, match=message):
+        fp.resolve_params(str(REPO / "params.yaml"), overrides=fp.parse_set([override]))
+    # stages (DVC) read through the same validation
+    params = pipeline.read_params(REPO / "params.yaml")
+    params = fp.deep_merge(params, fp.parse_set([override]))
+    with pytest.raises(ConfigError, match=message):
+        pipeline.validate_params(params)

@@ -30,7 +30,7 @@ import inspect
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -636,14 +636,21 @@ def _allowed_options(cls: type[Reader]) -> set[str]:
     return names
 
 
+def reader_options_error(kind: str, options: Mapping[str, Any]) -> str | None:
+    """What is wrong with reader `kind` and its option names (None when nothing is)."""
+    if kind not in READERS:
+        return f"unknown reader kind {kind!r}; known: {sorted(READERS)}"
+    allowed = _allowed_options(READERS[kind])
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        return f"{kind} reader: unknown option(s) {unknown}; allowed: {sorted(allowed)}"
+    return None
+
+
 def open_reader(kind: str, root: str | Path, split: str = "test", **options: Any) -> Reader:
     """Open a data set reader. ``kind`` is one of ``READERS``; ``options`` are the
     reader's keyword options (unknown ones raise ConfigError)."""
-    if kind not in READERS:
-        raise ConfigError(f"unknown reader kind {kind!r}; known: {sorted(READERS)}")
-    cls = READERS[kind]
-    allowed = _allowed_options(cls)
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ConfigError(f"{kind} reader: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
-    return cls(root, split, **options)
+    problem = reader_options_error(kind, options)
+    if problem:
+        raise ConfigError(problem)
+    return READERS[kind](root, split, **options)

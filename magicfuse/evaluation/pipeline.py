@@ -90,6 +90,8 @@ ROW_MAGIMG = "MagImg"
 ROW_OURS_S = "Ours-S"
 BASELINE_ROWS = {"mean": "IR-VIS mean", "max": "IR-VIS max", "laplacian_pyramid": "IR-VIS Laplacian pyramid"}
 FIGURES = "figures"
+# the top-level tables of metrics.json that a promotion path may start with
+METRIC_SECTIONS = ("visual", "semantic", "ablation", "tau_curve", "ckg_infrared", "objects", "ikr_by_degradation")
 
 DEFAULT_METRICS = ("EN", "SD", "SF", "AG", "MI", "SSIM", "Qabf", "PSNR", "VIF", "SCD", "CC")
 SWEEP_METRICS = ("EN", "SSIM", "MI", "Qabf", "PSNR")
@@ -184,16 +186,18 @@ class EvaluateConfig:
         for path, w in self.promotion.items():
             if not isinstance(path, str) or len(path.split(".")) < 2:
                 raise ConfigError(f"{where}.promotion: {path!r} is not a dotted metric path like 'semantic.MagImg.mIoU'")
+            if path.split(".")[0] not in METRIC_SECTIONS:
+                raise ConfigError(f"{where}.promotion: {path!r} does not start with a section of metrics.json "
+                                  f"({', '.join(METRIC_SECTIONS)})")
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(float(w)):
                 raise ConfigError(f"{where}.promotion[{path!r}]: weight must be a finite number, got {w!r}")
         if self.segformer:
-
             config_from_mapping(self.segformer)  # unknown keys / bad values fail now, not after sampling
         if self.device != "auto":
             try:
                 torch.device(self.device)
             except RuntimeError as exc:
-                raise ConfigError(f"{where}.device: {self.device!r}: {exc}") from None
+                raise ConfigError(f"{where}.device: {self.device!r}: {exc}") from None  # CUDA is checked when it runs
 
     @property
     def promotion_terms(self) -> dict[str, float]:

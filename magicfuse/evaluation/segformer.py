@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from magicfuse.data.classes import IGNORE_INDEX, MFNET_CLASSES, NUM_CLASSES
 from magicfuse.errors import ConfigError, DataError, TrainingError
 from magicfuse.evaluation.segmentation import ConfusionMatrix
+from magicfuse.config import from_mapping
 
 __all__ = [
     "SegformerProtocolConfig",
@@ -255,7 +256,6 @@ def train_and_evaluate_segformer(train_images: torch.Tensor, train_labels: torch
     initial weights, batch order and augmentation for every call.
     """
     if isinstance(cfg, Mapping):
-        from magicfuse.config import from_mapping
         cfg = from_mapping(SegformerProtocolConfig, cfg)
     train_images, train_labels = _check_set(train_images, train_labels, "SegFormer training set", cfg.num_classes)
     test_images, test_labels = _check_set(test_images, test_labels, "SegFormer test set", cfg.num_classes)
@@ -388,7 +388,5 @@ def to_tensors(images, labels) -> tuple[torch.Tensor, torch.Tensor]:
 
 def config_from_mapping(mapping: Mapping[str, Any] | None) -> SegformerProtocolConfig:
     """Build the config from a params.yaml section (unknown keys are errors)."""
-    from magicfuse.config import from_mapping
-
     return from_mapping(SegformerProtocolConfig, mapping)
 

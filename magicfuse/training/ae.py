@@ -32,6 +32,10 @@ from magicfuse.training.loop import (
     shard_loader,
 )
 from magicfuse.training.losses import reconstruction_loss
+from magicfuse.checkpoint import load_checkpoint, load_model, save_model
+from magicfuse.data.shards import make_loader, manifest_hash
+from magicfuse.models.importer import convert_part, read_torch_file
+from magicfuse.training import distributed as ddp
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,6 @@ class AETrainConfig(TrainConfig):
 
 def load_ae_init(model: nn.Module, path: str | Path) -> None:
     """Load AE weights from the authors' `{encoder, decoder}` file or from our "ae" checkpoint."""
-    from magicfuse.checkpoint import load_checkpoint
-    from magicfuse.models.importer import convert_part, read_torch_file
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: AE weights file not found")
@@ -71,9 +72,6 @@ def load_ae_init(model: nn.Module, path: str | Path) -> None:
 
 def load_autoencoder(path: str | Path) -> nn.Module:
     """An autoencoder from our "ae" checkpoint or from the authors' `{encoder, decoder}` file."""
-    from magicfuse.checkpoint import load_model
-    from magicfuse.models.importer import read_torch_file
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: autoencoder checkpoint not found")
@@ -103,8 +101,6 @@ def latent_stats(ae: nn.Module, shards_dir: str | Path, split: str, members: tup
     The scale is the RMS deviation from those means over all channels, so the standardised
     latents have zero-mean channels and unit variance overall (a near-constant channel
     stays near 0 instead of being blown up to unit variance)."""
-    from magicfuse.data.shards import make_loader
-
     raw = dataclasses.replace(ae.config, latent_shift=0.0, latent_scale=1.0)
     saved, ae.config = ae.config, raw
     device = next(ae.parameters()).device
@@ -137,9 +133,6 @@ def latent_stats(ae: nn.Module, shards_dir: str | Path, split: str, members: tup
 def train_autoencoder(cfg: AETrainConfig, shards_dir: str | Path, out_dir: str | Path, *,
                       logger: Logger | None = None, artifacts: ArtifactFn | None = None) -> TrainResult:
     """Train (or fine-tune) the autoencoder; writes `out_dir/ae.pt` (kind "ae", EMA weights)."""
-    from magicfuse.data.shards import manifest_hash
-    from magicfuse.training import distributed as ddp
-
     info = ddp.init_distributed(cfg.device)
     with seeded(cfg.seed):
         model = build_model("ae", cfg.model)
@@ -149,8 +142,6 @@ def train_autoencoder(cfg: AETrainConfig, shards_dir: str | Path, out_dir: str |
     loader = shard_loader(shards_dir, cfg, info, members)
 
     def export(module: nn.Module, out: Path) -> dict[str, Path]:
-        from magicfuse.checkpoint import save_model
-
         if cfg.latent_stats_images:
             shift, scale = latent_stats(module, shards_dir, cfg.split, members, cfg.latent_stats_images)
             module.config = dataclasses.replace(module.config, latent_shift=shift, latent_scale=scale)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from magicfuse.errors import DataError
 from magicfuse.io import atomic_path, sha256_file
 from magicfuse.models.autoencoder import DOWNSCALE
+from magicfuse.data.shards import make_loader
 
 LATENT_FORMAT = 1
 
@@ -70,8 +71,6 @@ def _as_rgb(x: Tensor) -> Tensor:
 def encode_pairs(ae: nn.Module, shards_dir: str | Path | Sequence[str | Path], split: str, branch: str, *,
                  seed: int, device: torch.device | str = "cpu", progress: bool = True) -> LatentPairs:
     """Encode the condition and target frames of every sample of `split` at full size."""
-    from magicfuse.data.shards import make_loader
-
     device = torch.device(device)
     cond_m, target_m = branch_members(branch)
     loader = make_loader(shards_dir, split, batch_size=1, crop=None, num_workers=0, shuffle=False,

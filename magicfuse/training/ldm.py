@@ -57,6 +57,8 @@ from magicfuse.training.loop import (
     seeded,
 )
 from magicfuse.training.latents import branch_members, cached_pairs, latent_loader
+from magicfuse.checkpoint import load_model, save_model
+from magicfuse.data.shards import make_loader, manifest_hash
 
 Branch = Literal["ikr", "ckg"]
 BRANCHES = ("ikr", "ckg")
@@ -109,8 +111,6 @@ def ldm_loss(unet: nn.Module, batch: dict[str, Any], generator: torch.Generator,
 
 def _preview_images(shards_dir: Any, split: str, members: tuple[str, ...], n: int = 4) -> dict[str, Tensor]:
     """The first `n` full frames of `split` (the preview grid's inputs and targets)."""
-    from magicfuse.data.shards import make_loader
-
     batch = next(iter(make_loader(shards_dir, split, batch_size=n, crop=None, num_workers=0, shuffle=False,
                                   members=members)))
     return {m: batch[m] for m in members}
@@ -143,8 +143,6 @@ def evaluate_ldm_psnr(ae: nn.Module, unet: nn.Module, branch: str, shards_dir: s
     for IKR, a grey copy (channel mean) of the degraded input for CKG, whose output is
     compared as 1-channel infrared (the channel mean of the decoded image).
     """
-    from magicfuse.data.shards import make_loader
-
     _check_branch(branch)
     if samples < 1:
         raise ConfigError(f"evaluate_ldm_psnr: samples must be >= 1, got {samples}")
@@ -184,9 +182,6 @@ def train_ldm(cfg: LDMTrainConfig, *, branch: Branch, ae_checkpoint: str | Path,
     `ae_checkpoint`: our "ae" checkpoint or the authors' `official_ae.pth`.
     `cfg.init_from`: an optional "unet" checkpoint to start from (fine-tuning).
     """
-    from magicfuse.checkpoint import load_model, save_model
-    from magicfuse.data.shards import manifest_hash
-
     _check_branch(branch)
     info = ddp.init_distributed(cfg.device)
     device = ddp.resolve_device(cfg.device, info)

@@ -44,6 +44,8 @@ from magicfuse.config import to_dict
 from magicfuse.errors import CheckpointError, ConfigError, DataError, TrainingError
 from magicfuse.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from magicfuse.training import distributed as ddp
+from magicfuse.checkpoint import load_checkpoint, save_checkpoint
+from magicfuse.data.shards import make_loader
 
 Logger = Callable[[dict[str, float], int], None]
 ArtifactFn = Callable[[Path], None]
@@ -158,8 +160,6 @@ def shard_loader(shards_dir: str | Path, cfg: TrainConfig, info: ddp.DistInfo,
                  members: tuple[str, ...]) -> Callable[[int], Iterable[dict[str, Any]]]:
     """A `TrainJob.make_loader`: the `cfg.split` shards with `members`, square `cfg.crop` crops,
     shuffled per epoch and split by rank."""
-    from magicfuse.data.shards import make_loader
-
     crop = None if cfg.crop is None else (cfg.crop, cfg.crop)
 
     def loader(epoch: int):
@@ -361,14 +361,10 @@ class BatchStream:
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
-    from magicfuse.checkpoint import save_checkpoint
-
     save_checkpoint(path, payload)
 
 
 def _load(path: Path, kind: str) -> dict[str, Any]:
-    from magicfuse.checkpoint import load_checkpoint
-
     return load_checkpoint(path, kind=kind)
 
 
