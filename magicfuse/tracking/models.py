@@ -1,21 +1,15 @@
-"""MLflow helpers: one experiment per project, a run per stage nested under a
-pipeline run, per-step metrics, artifacts, registered models and alias promotion.
-
-Tracking store: `MLFLOW_TRACKING_URI` when set, else a local sqlite file
-(`mlflow.db` in the project root) with artifacts under `mlartifacts/`.
+"""Logged models: the whole pipeline (`magicfuse.inference.MagicFusePyfunc`) and each trained
+part (`ComponentPyfunc`: autoencoder, IKR, CKG) as registered MLflow pyfunc models, with
+signatures from a real example, pinned requirements and the package code, and
+`load_model` to load them back. MLflow is imported inside the functions (it takes seconds to import).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import math
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -23,236 +17,18 @@ import torch.nn.functional as F
 
 from magicfuse.checkpoint import load_checkpoint
 from magicfuse.checkpoint import load_model as load_network
-from magicfuse.config import load_params
 from magicfuse.data.degrade import degrade
 from magicfuse.data.synthetic import generate_scene
 from magicfuse.devices import resolve_device
 from magicfuse.diffusion.settings import NoiseSchedule, SamplerSettings
-from magicfuse.errors import CheckpointError, ConfigError, DataError, MagicFuseError
+from magicfuse.errors import CheckpointError, ConfigError, DataError
 from magicfuse.imageio import to_uint8
 from magicfuse.inference import _pyfunc_class
-from magicfuse.io import sha256_file, write_json_atomic
+from magicfuse.io import sha256_file
+from magicfuse.mlflow_store import configure
+from magicfuse.tracking.runs import TrackingError
 from magicfuse.training.ae import load_autoencoder
 from magicfuse.training.ldm import sample_branch
-from magicfuse.mlflow_store import (  # noqa: F401  (re-exported: magicfuse.tracking.configure etc.)
-    DEFAULT_EXPERIMENT,
-    configure,
-    default_tracking_uri,
-    project_root,
-    use_tracking_store,
-)
-
-CHAMPION = "champion"
-PIPELINE_RUN_FILE = Path("artifacts") / "mlflow_pipeline_run.json"
-
-
-class TrackingError(MagicFuseError):
-    """MLflow tracking or registry operation failed."""
-
-
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Flatten nested params into `a.b.c` keys with string values (MLflow's limit is 6000 chars)."""
-    out: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, prefix=f"{name}."))
-        else:
-            text = json.dumps(value, default=str) if not isinstance(value, str) else value
-            out[name] = text[:6000]
-    return out
-
-
-def _read_pipeline_run(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text())["run_id"]
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
-        return None
-
-
-def start_pipeline_run(name: str = "pipeline", *, tags: Mapping[str, str] | None = None,
-                       record: Path | None = PIPELINE_RUN_FILE, experiment: str = DEFAULT_EXPERIMENT) -> str:
-    """Create a fresh parent run for one pipeline execution and remember its id."""
-    import mlflow
-
-    exp_id = configure(experiment)
-    client = mlflow.MlflowClient()
-    run = client.create_run(exp_id, run_name=name, tags={"magicfuse.kind": "pipeline", **(tags or {})})
-    if record is not None:
-        write_json_atomic(record, {"run_id": run.info.run_id})
-    return run.info.run_id
-
-
-def current_pipeline_run(record: Path = PIPELINE_RUN_FILE, *, experiment: str = DEFAULT_EXPERIMENT) -> str:
-    """The parent run of the current pipeline: env var, the recorded one, or a new one."""
-    import mlflow
-
-    run_id = os.environ.get("MAGICFUSE_PIPELINE_RUN_ID") or _read_pipeline_run(record)
-    if run_id:
-        try:
-            run = mlflow.MlflowClient().get_run(run_id)
-            if run.info.lifecycle_stage == "active":
-                return run_id
-        except Exception:  # run from another store or deleted: start a new one
-            pass
-    return start_pipeline_run(record=record, experiment=experiment)
-
-
-def end_pipeline_run(status: str = "FINISHED", record: Path = PIPELINE_RUN_FILE, *, run_id: str | None = None) -> None:
-    """Mark the pipeline run (`run_id`, else the recorded one) terminated with `status`."""
-    import mlflow
-
-    configure()
-    run_id = run_id or _read_pipeline_run(record)
-    if run_id:
-        mlflow.MlflowClient().set_terminated(run_id, status=status)
-
-
-@contextlib.contextmanager
-def stage_run(stage: str, *, params: Mapping[str, Any] | None = None,
-              parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
-              experiment: str = DEFAULT_EXPERIMENT) -> Iterator[Any]:
-    """An MLflow run for one stage of experiment `experiment`, nested under the pipeline run."""
-    import mlflow
-
-    configure(experiment)
-    parent = parent_run_id or current_pipeline_run(experiment=experiment)
-    tags = {"magicfuse.stage": stage, "mlflow.parentRunId": parent, **(tags or {})}
-    with mlflow.start_run(run_name=stage, tags=tags, nested=mlflow.active_run() is not None) as run:
-        if params:
-            mlflow.log_params(flatten(params))
-        yield run
-
-
-_BAD_METRIC_CHARS = re.compile(r"[^A-Za-z0-9\-.:/]+")  # "_" included, so runs collapse to one
-
-
-def metric_key(name: str) -> str:
-    """`name` as a valid MLflow metric key: spaces and every character MLflow refuses
-    (anything but alphanumerics, ``_ - . : /``) become one ``_``, with none left at the
-    edges of a dotted part: ``"eval.visual.IKR (captured input).EN"`` →
-    ``"eval.visual.IKR_captured_input.EN"``."""
-    key = _BAD_METRIC_CHARS.sub("_", name)
-    return ".".join(part.strip("_") or "_" for part in key.split("."))
-
-
-class MetricLogger:
-    """Callable `(metrics, step)` that logs finite values to the active MLflow run."""
-
-    def __init__(self, prefix: str = ""):
-        self.prefix = prefix
-
-    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
-        import mlflow
-
-        clean = {metric_key(f"{self.prefix}{k}"): float(v) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(float(v))}
-        if clean:
-            mlflow.log_metrics(clean, step=int(step))
-
-
-def log_metrics(metrics: Mapping[str, Any], *, prefix: str = "", step: int | None = None) -> None:
-    """Log a (possibly nested) dict of numbers; non-numbers are skipped."""
-    import mlflow
-
-    flat: dict[str, float] = {}
-
-    def walk(d: Mapping[str, Any], p: str) -> None:
-        for k, v in d.items():
-            key = f"{p}{k}"
-            if isinstance(v, Mapping):
-                walk(v, f"{key}.")
-            elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
-                flat[metric_key(key)] = float(v)
-
-    walk(metrics, prefix)
-    if flat:
-        mlflow.log_metrics(flat, step=step)
-
-
-def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> None:
-    import mlflow
-
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            mlflow.log_artifacts(str(p), artifact_path=artifact_path)
-        elif p.is_file():
-            mlflow.log_artifact(str(p), artifact_path=artifact_path)
-
-
-# ----------------------------------------------------------------------------- registry
-
-
-@dataclass(frozen=True)
-class PromotionDecision:
-    model: str
-    version: str
-    promoted: bool
-    reason: str
-    metric: str
-    candidate: float | None
-    champion_version: str | None
-    champion: float | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def _run_metric(client: Any, run_id: str | None, metric: str) -> float | None:
-    if not run_id:
-        return None
-    value = client.get_run(run_id).data.metrics.get(metric)
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-def promote_if_better(model_name: str, version: str | int, *, metric: str, higher_is_better: bool = True,
-                      alias: str = CHAMPION, metric_run_id: str | None = None) -> PromotionDecision:
-    """Move `alias` to `version` only when its evaluation metric beats the current holder's.
-
-    The candidate's metric is read from `metric_run_id` (the evaluation run), else from
-    the run that logged the model version; the champion's from the run recorded on its
-    version (tag `magicfuse.eval_run_id`) or its source run. The decision and its reason
-    are recorded as tags on the candidate version.
-    """
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    version = str(version)
-    mv = client.get_model_version(model_name, version)
-    cand_run = metric_run_id or mv.tags.get("magicfuse.eval_run_id") or mv.run_id
-    if metric_run_id:
-        client.set_model_version_tag(model_name, version, "magicfuse.eval_run_id", metric_run_id)
-    cand = _run_metric(client, cand_run, metric)
-    if cand is None:
-        raise TrackingError(f"model {model_name} v{version}: metric {metric!r} not found in run {cand_run}")
-    try:
-        champ_mv = client.get_model_version_by_alias(model_name, alias)
-    except Exception:
-        champ_mv = None
-    champ_val = None
-    champ_version = None
-    holder = None if champ_mv is None else str(champ_mv.version)  # MLflow gives int or str versions
-    if champ_mv is not None and holder != version:
-        champ_version = holder
-        champ_val = _run_metric(client, champ_mv.tags.get("magicfuse.eval_run_id") or champ_mv.run_id, metric)
-    better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
-    if champ_mv is not None and holder == version:
-        promoted, reason = True, f"v{version} already holds @{alias}"
-    elif champ_mv is None:
-        promoted, reason = True, f"no @{alias} yet; v{version} {metric}={cand:.6g} becomes {alias}"
-    elif champ_val is None:
-        promoted, reason = True, f"@{alias} v{champ_version} has no {metric}; v{version} ({cand:.6g}) replaces it"
-    elif better(cand, champ_val):
-        promoted, reason = True, (f"v{version} {metric}={cand:.6g} beats @{alias} v{champ_version} "
-                                  f"({champ_val:.6g}, {'higher' if higher_is_better else 'lower'} is better)")
-    else:
-        promoted, reason = False, (f"v{version} {metric}={cand:.6g} does not beat @{alias} v{champ_version} "
-                                   f"({champ_val:.6g}); alias unchanged")
-    if promoted:
-        client.set_registered_model_alias(model_name, alias, version)
-    client.set_model_version_tag(model_name, version, "magicfuse.promotion", reason)
-    return PromotionDecision(model_name, version, promoted, reason, metric, cand, champ_version, champ_val)
 
 
 # ----------------------------------------------------------------------------- logged models
@@ -543,27 +319,3 @@ def load_model(uri: str, *, model_config: Mapping[str, Any] | None = None) -> An
     except Exception as exc:  # MlflowException, missing artifacts...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"cannot load MLflow model {uri!r}: {first}") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m magicfuse.tracking start|end [--status S]`: open a fresh pipeline run
-    before `dvc repro` (its stage runs nest under it) and close it afterwards."""
-    ap = argparse.ArgumentParser(prog="python -m magicfuse.tracking", description=main.__doc__)
-    ap.add_argument("action", choices=("start", "end"))
-    ap.add_argument("--status", default="FINISHED", choices=("FINISHED", "FAILED", "KILLED"))
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    if args.action == "start":
-        params = load_params(args.params)
-        experiment = str(params.get("tracking", {}).get("experiment", DEFAULT_EXPERIMENT))
-        run_id = start_pipeline_run("pipeline", tags={"magicfuse.orchestrator": "dvc",
-                                                      "magicfuse.profile": str(params.get("profile", "tiny"))},
-                                    experiment=experiment)
-        print(f"MLflow pipeline run {run_id} (experiment {experiment!r})")
-    else:
-        end_pipeline_run(args.status)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
