@@ -20,6 +20,7 @@ from magicfuse.evaluation.ablation import (
     visual_means,
     write_ablation_report,
 )
+from magicfuse.evaluation.scores import ssim_to
 from magicfuse.inference import MagicFuse
 from magicfuse.evaluation.pipeline import (
     BASELINE_ROWS,
@@ -29,7 +30,6 @@ from magicfuse.evaluation.pipeline import (
     ROW_MAGIMG,
     ROW_OURS_S,
     EvaluateConfig,
-    _ssim_to,
     load_eval_set,
     resolve_metric_path,
     run_evaluation,
@@ -327,8 +327,8 @@ def test_ckg_ssim_is_wangs_8bit_ssim():
         m = (2 * mx * my + c1) * (2 * sxy + c2) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
         return float(m[5:-5, 5:-5].mean())
 
-    assert _ssim_to([a], [a]) == pytest.approx(1.0)
-    ours, ref = _ssim_to([b], [a]), wang(b, a)
+    assert ssim_to([a], [a]) == pytest.approx(1.0)
+    ours, ref = ssim_to([b], [a]), wang(b, a)
     assert 0.2 < ref < 0.95  # premise: a partly similar pair
     assert ours == pytest.approx(ref, abs=0.02)
     # the fusion table's MATLAB convention (near-zero constants) gives another number
