@@ -7,6 +7,7 @@ from magicfuse.diffusion.sampler import (
     magicfuse_sample,
     required_multiple,
 )
+from magicfuse.diffusion.settings import NoiseSchedule, SamplerSettings
 from magicfuse.diffusion.schedule import (
     DDIMSchedule,
     ddim_pairs,
@@ -24,6 +25,8 @@ __all__ = [
     "VARIANTS",
     "DDIMSchedule",
     "MagicFuseNets",
+    "NoiseSchedule",
+    "SamplerSettings",
     "SamplerOutput",
     "ddim_pairs",
     "ddim_step",

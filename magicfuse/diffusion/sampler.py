@@ -15,7 +15,8 @@ Each stream is updated with its own ε. The outputs are the decoded ẑ0 estimat
 the last executed step (at the final step t = 0 → ᾱ_prev = 1 they are z_0):
 MagImg (fused stream), the IKR image and the CKG image, plus the segmentation map.
 
-Ablations (Tables 6–7 of the paper), chosen with ``variant``:
+Ablations (Tables 6–7 of the paper), chosen with ``variant``; `PLANS` tabulates which streams
+and which parts of F each variant runs:
 
 * ``"model1"`` — F without the ẑ0 inputs: the fusion network must be built with
   ``use_zhat=False`` (it then ignores the ẑ0 tensors the sampler still passes).
@@ -201,6 +202,76 @@ def _frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+# --------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    """What one sampler variant runs (see the module docstring)."""
+
+    ckg: bool  # the CKG stream z^φ is denoised
+    fused_stream: bool  # a fused stream z^f is denoised with ε^f (eq. 8), F called at every step
+    fuse_once: bool  # output fusion: F once, after the last step, on the final estimates
+    head_used: bool  # the head's output weights w (eq. 11) and gives the segmentation map
+    zhat_inputs: bool  # F is built to see the ẑ0 estimates (use_zhat)
+
+    @property
+    def fusion(self) -> bool:
+        return self.fused_stream or self.fuse_once
+
+
+PLANS: dict[str, VariantPlan] = {
+    #            ckg    fused_stream fuse_once head_used zhat_inputs
+    "full": VariantPlan(True, True, False, True, True),
+    "model1": VariantPlan(True, True, False, True, False),
+    "model2": VariantPlan(True, True, False, False, True),
+    "model3": VariantPlan(True, False, True, True, True),
+    "model4": VariantPlan(False, False, False, False, True),
+}
+
+
+def _check_variant(nets: MagicFuseNets, variant: str) -> tuple[VariantPlan, bool]:
+    """The variant's plan and whether the fusion network has a head; ConfigError when the
+    networks cannot run it."""
+    if variant not in PLANS:
+        raise ConfigError(f"magicfuse_sample: variant must be one of {list(VARIANTS)}, got {variant!r}")
+    plan = PLANS[variant]
+    if plan.ckg and nets.ckg is None:
+        raise ConfigError(f"magicfuse_sample: variant {variant!r} needs the CKG network (nets.ckg is None)")
+    if not plan.fusion:
+        return plan, False
+    if nets.fusion is None:
+        raise ConfigError(f"magicfuse_sample: variant {variant!r} needs the fusion network (nets.fusion is None)")
+    head = _fusion_flag(nets.fusion, "seg_head", True)
+    has_zhat = _fusion_flag(nets.fusion, "use_zhat", True)
+    if not plan.zhat_inputs and has_zhat:
+        raise ConfigError("magicfuse_sample: variant 'model1' needs a fusion network built with use_zhat=False")
+    if plan.zhat_inputs and not has_zhat:
+        raise ConfigError("magicfuse_sample: the fusion network was built with use_zhat=False (Model I); "
+                          f"use variant='model1', not {variant!r}")
+    if plan.head_used and not head:
+        raise ConfigError("magicfuse_sample: the fusion network has no segmentation head (Model II); "
+                          f"use variant='model2', not {variant!r}")
+    return plan, head
+
+
+def _check_steps(n: int, stop_at: int | None, grad_step: int | None, plan: VariantPlan) -> int:
+    """The index of the last step to run; ConfigError for a bad stop_at / grad_step."""
+    last = n - 1 if stop_at is None else int(stop_at)
+    if not 0 <= last < n:
+        raise ConfigError(f"magicfuse_sample: stop_at must be in [0, {n - 1}], got {stop_at}")
+    if grad_step is not None:
+        if not 0 <= grad_step <= last:
+            raise ConfigError(f"magicfuse_sample: grad_step must be in [0, stop_at={last}], got {grad_step}")
+        if not plan.fusion:
+            raise ConfigError("magicfuse_sample: grad_step needs a variant with a fusion network (not 'model4')")
+        if plan.fuse_once and grad_step != last:
+            raise ConfigError(
+                f"magicfuse_sample: in 'model3' F runs once, after step {last}; grad_step must equal it, got {grad_step}"
+            )
+    return last
+
+
 # --------------------------------------------------------------------------- sampler
 
 
@@ -235,54 +306,19 @@ def magicfuse_sample(
     schedule); None = ``steps`` steps over the default training schedule. Its length wins
     over ``steps``.
     """
-    if variant not in VARIANTS:
-        raise ConfigError(f"magicfuse_sample: variant must be one of {list(VARIANTS)}, got {variant!r}")
     want = set(DECODABLE) if decode is True else set() if decode is False else set(decode)
     if want - set(DECODABLE):
         raise ConfigError(f"magicfuse_sample: decode must be a bool or a subset of {list(DECODABLE)}, got {decode!r}")
     if not (isinstance(tau, (int, float)) and 0.0 <= float(tau) <= 1.0):
         raise ConfigError(f"magicfuse_sample: tau must be a number in [0, 1], got {tau!r}")
-    uses_fusion = variant != "model4"
-    uses_ckg = variant != "model4"
-    if uses_ckg and nets.ckg is None:
-        raise ConfigError(f"magicfuse_sample: variant {variant!r} needs the CKG network (nets.ckg is None)")
-    if uses_fusion and nets.fusion is None:
-        raise ConfigError(f"magicfuse_sample: variant {variant!r} needs the fusion network (nets.fusion is None)")
-    head = uses_fusion and _fusion_flag(nets.fusion, "seg_head", True)  # the net has a segmentation head
-    use_seg = head and variant != "model2"  # its output is used (radiation weighting, seg map)
-    if uses_fusion:
-        has_zhat = _fusion_flag(nets.fusion, "use_zhat", True)
-        if variant == "model1" and has_zhat:
-            raise ConfigError("magicfuse_sample: variant 'model1' needs a fusion network built with use_zhat=False")
-        if variant != "model1" and not has_zhat:
-            raise ConfigError(
-                "magicfuse_sample: the fusion network was built with use_zhat=False (Model I); "
-                f"use variant='model1', not {variant!r}"
-            )
-        if variant != "model2" and not head:
-            raise ConfigError(
-                "magicfuse_sample: the fusion network has no segmentation head (Model II); "
-                f"use variant='model2', not {variant!r}"
-            )
+    plan, head = _check_variant(nets, variant)  # head: the fusion network has a segmentation head
 
     image = _stack_images(image)
     device = image.device
     sched = schedule if schedule is not None else make_ddim_schedule(steps, device=device)
     if sched.timesteps.device != device:
         sched = DDIMSchedule(sched.pairs, sched.timesteps.to(device), sched.abar_t.to(device), sched.abar_prev.to(device))
-    n = len(sched)
-    last = n - 1 if stop_at is None else int(stop_at)
-    if not 0 <= last < n:
-        raise ConfigError(f"magicfuse_sample: stop_at must be in [0, {n - 1}], got {stop_at}")
-    if grad_step is not None:
-        if not 0 <= grad_step <= last:
-            raise ConfigError(f"magicfuse_sample: grad_step must be in [0, stop_at={last}], got {grad_step}")
-        if not uses_fusion:
-            raise ConfigError("magicfuse_sample: grad_step needs a variant with a fusion network (not 'model4')")
-        if variant == "model3" and grad_step != last:
-            raise ConfigError(
-                f"magicfuse_sample: in 'model3' F runs once, after step {last}; grad_step must equal it, got {grad_step}"
-            )
+    last = _check_steps(len(sched), stop_at, grad_step, plan)
 
     B, _, H, W = image.shape
     mult = required_multiple(nets)
@@ -308,8 +344,8 @@ def magicfuse_sample(
                          else _check_noise("seg_noise", seg_noise, sshape, device))
 
         z_psi = z_T
-        z_phi = z_T if uses_ckg else None
-        z_f = z_T if variant not in ("model3", "model4") else None
+        z_phi = z_T if plan.ckg else None
+        z_f = z_T if plan.fused_stream else None
         zhat: dict[str, Tensor] = {}
         w_used = w_raw = seg_logits = None
         eps_psi = eps_phi = None
@@ -319,9 +355,9 @@ def magicfuse_sample(
             a_t, a_prev = sched.abar_t[i], sched.abar_prev[i]
             with torch.no_grad():
                 eps_psi = denoiser_eps(nets.ikr, z_psi, t, cond, a_t)
-                eps_phi = denoiser_eps(nets.ckg, z_phi, t, cond, a_t) if uses_ckg else None
+                eps_phi = denoiser_eps(nets.ckg, z_phi, t, cond, a_t) if plan.ckg else None
             x0_psi = predict_x0(z_psi, eps_psi, a_t)
-            x0_phi = predict_x0(z_phi, eps_phi, a_t) if uses_ckg else None
+            x0_phi = predict_x0(z_phi, eps_phi, a_t) if plan.ckg else None
 
             x0_f = None
             if z_f is not None:
@@ -330,7 +366,7 @@ def magicfuse_sample(
                     out = nets.fusion(x0_psi, x0_phi, z_f, eps_psi, eps_phi, t, seg_state)
                 w_raw = out.w.float()
                 seg_state = out.seg_state
-                if use_seg:
+                if plan.head_used:
                     seg_logits = out.seg_logits
                     w_used = radiation_weight(w_raw, seg_logits.float(), thermal_classes, tau)
                 else:
@@ -346,12 +382,12 @@ def magicfuse_sample(
                     zhat["f"] = x0_f
                 break
             z_psi = ddim_step(z_psi, eps_psi, a_t, a_prev)
-            if uses_ckg:
+            if plan.ckg:
                 z_phi = ddim_step(z_phi, eps_phi, a_t, a_prev)
             if z_f is not None:
                 z_f = ddim_step(z_f, eps_f, a_t, a_prev)
 
-        if variant == "model3":
+        if plan.fuse_once:
             # Output fusion: F once on the final estimates; its weight fuses the latents.
             t = sched.timesteps[last].expand(B)
             with torch.set_grad_enabled(grad_step is not None):
@@ -360,18 +396,18 @@ def magicfuse_sample(
             seg_logits = out.seg_logits
             w_used = radiation_weight(w_raw, seg_logits.float(), thermal_classes, tau)
             zhat["f"] = w_used * x0_psi + (1.0 - w_used) * x0_phi
-        elif variant == "model4":
+        elif not plan.fusion:  # IKR only: the MagImg is the IKR image
             zhat["f"] = zhat["psi"]
 
         magimg = ikr_img = ckg_img = ckg_ir = None
         with torch.no_grad():
-            if "ikr" in want or (variant == "model4" and "magimg" in want):
+            if "ikr" in want or (not plan.fusion and "magimg" in want):
                 ikr_img = nets.ae.decode(zhat["psi"]).float()[..., :H, :W]
             if "ckg" in want and "phi" in zhat:
                 ckg_img = nets.ae.decode(zhat["phi"]).float()[..., :H, :W]
                 ckg_ir = ckg_img.mean(dim=1, keepdim=True)
         if "magimg" in want:
-            magimg = ikr_img if variant == "model4" else nets.ae.decode(zhat["f"]).float()[..., :H, :W]
+            magimg = ikr_img if not plan.fusion else nets.ae.decode(zhat["f"]).float()[..., :H, :W]
 
         seg_up = seg = None
         if seg_logits is not None:
