@@ -1,4 +1,4 @@
-"""Training: one loop per trainable part (AE, IKR/CKG denoisers, MKF), shared machinery in `loop`."""
+"""Training of every part (AE, IKR/CKG denoisers, MKF) through the one shared loop in `loop`."""
 
 from magicfuse.training.ae import AETrainConfig, train_autoencoder
 from magicfuse.training.ldm import LDMTrainConfig, evaluate_ldm_psnr, train_ldm
