@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from magicfuse.data.classes import IGNORE_INDEX, MFNET_CLASSES, NUM_CLASSES
+from magicfuse.devices import resolve_device
 from magicfuse.errors import ConfigError, DataError, TrainingError
 from magicfuse.evaluation.segmentation import ConfusionMatrix
 from magicfuse.config import from_mapping
@@ -261,12 +262,7 @@ def train_and_evaluate_segformer(train_images: torch.Tensor, train_labels: torch
     test_images, test_labels = _check_set(test_images, test_labels, "SegFormer test set", cfg.num_classes)
     if class_names is None:
         class_names = MFNET_CLASSES if cfg.num_classes == NUM_CLASSES else tuple(str(i) for i in range(cfg.num_classes))
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError as exc:
-        raise ConfigError(f"SegformerProtocolConfig.device: {cfg.device!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"SegformerProtocolConfig.device is {cfg.device!r} but CUDA is not available here")
+    device = resolve_device(cfg.device, what="SegformerProtocolConfig.device")
 
     n = train_images.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)

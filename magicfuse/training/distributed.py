@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from magicfuse import devices
 from magicfuse.errors import ConfigError
 
 
@@ -96,10 +97,9 @@ def resolve_device(device: str, info: DistInfo | None = None) -> torch.device:
     info = info or current()
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available")
-    if device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
+    dev = devices.resolve_device(device)  # "auto" -> cuda when available; cuda without CUDA -> ConfigError
+    if dev.type == "cpu":
+        return dev
     return torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
 
 
