@@ -65,7 +65,7 @@ from magicfuse.evaluation.segmentation import colorize
 from magicfuse.imageio import to_uint8
 from magicfuse.mlflow_store import use_tracking_store
 from magicfuse.models.fusion import FusionNet
-from magicfuse.models.geometry import padded_latent_size, required_multiple
+from magicfuse.models.geometry import padded_latent_size, required_multiple, unwrap
 from magicfuse.models.importer import import_official
 from magicfuse.tiling import TilingBudget, wrap_for_tiling
 
@@ -269,7 +269,7 @@ def _variant_nets(nets: MagicFuseNets, variant: str) -> MagicFuseNets:
     """See :meth:`MagicFuse.nets_for_variant`."""
     if variant == "model4":
         return nets
-    f = nets.fusion
+    f = unwrap(nets.fusion) if nets.fusion is not None else None  # a torch.compile wrapper prefixes its state
     if f is None:
         raise ConfigError(f"variant {variant!r} needs the fusion network")
     cfg = f.config
