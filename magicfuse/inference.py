@@ -49,6 +49,7 @@ import dataclasses
 import hashlib
 import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -484,13 +485,149 @@ class MagicFuse:
 
 # --------------------------------------------------------------------------- MLflow pyfunc
 
+# The most pixels one predict call (one HTTP request to the model server) may hold, all its
+# images together: one 4K UHD frame. The model config's or `configure`'s max_pixels changes it.
+PYFUNC_MAX_PIXELS = 3840 * 2160
+PYFUNC_PARAMS: tuple[str, ...] = ("seed", "steps", "tau", "batch_size")
+_RGB_HINT = "the model takes RGB images as integers 0..255 (uint8), shaped (H, W, 3) or (B, H, W, 3)"
+
+
+def _value_range(arr: np.ndarray) -> str:
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind in "fc" else arr
+    if finite.size == 0:
+        return "no finite values"
+    return f"min {finite.min():.6g}, max {finite.max():.6g}"
+
+
+def _check_image_array(arr: np.ndarray, what: str, *, batch: bool) -> np.ndarray:
+    """One array of the input -> uint8-valued (B,H,W,3) (``batch``: (B,H,W,3) or (H,W,3)
+    allowed; else (H,W,3) only). Raises DataError starting with ``what`` (if any)."""
+    at = f"{what}: " if what else ""
+    if arr.size == 0:
+        raise DataError(f"{at}empty input (shape {arr.shape}, no pixels); {_RGB_HINT}")
+    kind = arr.dtype.kind
+    if kind in "US":
+        raise DataError(f"{at}not an image: the input is text (dtype {arr.dtype}); {_RGB_HINT}")
+    if kind == "O":
+        raise DataError(f"{at}not an image: its values are not all numbers (dtype object); {_RGB_HINT}")
+    if kind == "b":
+        raise DataError(f"{at}wrong dtype: the image holds booleans; {_RGB_HINT}")
+    if kind in "fc":
+        raise DataError(f"{at}wrong dtype: the image holds {'complex numbers' if kind == 'c' else 'floats'} "
+                        f"({arr.dtype}, {_value_range(arr)}); {_RGB_HINT}. A float image in [0, 1] is refused "
+                        "rather than read as a black one: multiply it by 255 and round")
+    if kind not in "iu":
+        raise DataError(f"{at}not an image (dtype {arr.dtype}); {_RGB_HINT}")
+    shapes = "(H, W, 3) or (B, H, W, 3)" if batch else "(H, W, 3)"
+    if arr.ndim == 0:
+        raise DataError(f"{at}a single number, not an image; expected RGB images shaped {shapes}")
+    if arr.ndim == 2:
+        raise DataError(f"{at}wrong shape {arr.shape}: no channel axis; expected RGB images shaped {shapes} "
+                        "(send a grey image as three equal channels)")
+    if arr.ndim not in ((3, 4) if batch else (3,)):
+        raise DataError(f"{at}wrong shape {arr.shape} ({arr.ndim} dimensions); expected RGB images shaped {shapes}")
+    if arr.shape[-1] != 3:
+        raise DataError(f"{at}wrong shape {arr.shape}: {arr.shape[-1]} channels, expected 3 (RGB) in an image "
+                        f"shaped {shapes}")
+    return arr if arr.ndim == 4 else arr[None]
+
+
+def check_pyfunc_input(model_input: Any, *, max_pixels: int | None = PYFUNC_MAX_PIXELS) -> np.ndarray:
+    """What the pyfunc model — and so the model server — accepts, checked: -> uint8 (B,H,W,3).
+
+    Accepted: RGB images as integers 0..255 (any integer dtype: JSON numbers arrive as int64)
+    — one (H,W,3) array, a (B,H,W,3) batch or a list of (H,W,3) arrays of one size — with at
+    most ``max_pixels`` pixels in all (None: no limit). Anything else raises
+    :class:`DataError` saying what is wrong: floats (an image in [0, 1] is refused, not
+    truncated to a black one), text, booleans, nested values that are not numbers, named
+    inputs, another shape (H×W without a channel axis, 1, 4 or 5 channels), empty input,
+    values outside 0..255, or too many pixels. Pure numpy; the values are scanned only once
+    the size is within the limit.
+    """
+    x = model_input
+    if hasattr(x, "to_numpy") and not isinstance(x, np.ndarray):  # a pandas frame or series
+        x = x.to_numpy()
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise DataError(f"empty input (no images); {_RGB_HINT}")
+        parts = [_check_image_array(np.asarray(v), f"image {i}", batch=False) for i, v in enumerate(x)]
+        sizes = sorted({p.shape[1:3] for p in parts})
+        if len(sizes) != 1:
+            raise DataError(f"images of one call must share a size, got {sizes}")
+        arr = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    elif isinstance(x, np.ndarray):
+        arr = _check_image_array(x, "", batch=True)
+    elif isinstance(x, dict):
+        raise DataError(f"expected one image array, got named inputs {sorted(map(str, x))}; send the image(s) "
+                        'as {"inputs": [[[r, g, b], ...], ...]}')
+    else:
+        raise DataError(f"expected an image array, got {type(x).__name__}; {_RGB_HINT}")
+    b, h, w = (int(v) for v in arr.shape[:3])
+    if max_pixels is not None and b * h * w > max_pixels:
+        raise DataError(f"too large: {b} image(s) of {w}×{h} = {b * h * w:,} pixels, more than the limit of "
+                        f"{int(max_pixels):,} pixels per request (send smaller images or fewer per request)")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > 255:
+        raise DataError(f"values out of range: image values must be integers 0..255 (uint8 RGB), got min {lo}, "
+                        f"max {hi}")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _int_value(params: Mapping[str, Any], name: str) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise DataError(f"parameter {name!r} must be an integer, got {value!r}")
+    return int(value)
+
+
+def check_pyfunc_params(params: Mapping[str, Any] | None, settings: SamplerSettings) -> dict[str, Any]:
+    """The pyfunc's predict params, checked against the pipeline's sampler ``settings``:
+    ``seed`` (integer), ``steps`` (1..the training schedule's steps), ``tau`` (0..1),
+    ``batch_size`` (>= 1); missing or None ones take the settings' values (seed 0, batch 4).
+    Raises DataError naming the parameter."""
+    p = dict(params or {})
+    unknown = sorted(set(p) - set(PYFUNC_PARAMS))
+    if unknown:
+        raise DataError(f"unknown parameter(s) {unknown}; expected some of {list(PYFUNC_PARAMS)}")
+    seed, steps, batch_size = (_int_value(p, k) for k in ("seed", "steps", "batch_size"))
+    tau = p.get("tau")
+    if tau is not None and (isinstance(tau, (bool, np.bool_)) or not isinstance(tau, (int, float, np.number))):
+        raise DataError(f"parameter 'tau' must be a number in [0, 1], got {tau!r}")
+    try:
+        s = settings.replace(steps=steps, tau=None if tau is None else float(tau))
+    except ConfigError as exc:
+        raise DataError(f"bad parameter: {exc}") from None
+    if batch_size is not None and batch_size < 1:
+        raise DataError(f"parameter 'batch_size' must be >= 1, got {batch_size}")
+    return {"seed": 0 if seed is None else seed, "steps": s.steps, "tau": s.tau,
+            "batch_size": 4 if batch_size is None else batch_size}
+
+
+def _max_pixels(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or int(value) != value or value < 1:
+        raise ConfigError(f"MagicFusePyfunc: max_pixels must be a positive integer or None, got {value!r}")
+    return int(value)
+
 
 class _PyfuncMethods:
     """MLflow pyfunc wrapper: the artifact ``"pipeline"`` is our pipeline checkpoint.
 
-    ``predict(model_input)``: a uint8 array (B,H,W,3), one (H,W,3) array, or a list of
-    (H,W,3)/(H,W) uint8 arrays of one size -> uint8 (B,H,W,3) MagImgs. ``params`` may set
-    ``steps``, ``tau``, ``seed``, ``batch_size``.
+    ``predict(model_input, params)``: RGB images as integers 0..255 — a (B,H,W,3) batch, one
+    (H,W,3) image or a list of (H,W,3) images of one size, at most ``max_pixels`` pixels in
+    all — -> uint8 (B,H,W,3) MagImgs. ``params`` may set ``seed``, ``steps``, ``tau``,
+    ``batch_size``. Wrong inputs or params (see :func:`check_pyfunc_input`,
+    :func:`check_pyfunc_params`) raise an error that is both a :class:`DataError` and an
+    MLflow ``INVALID_PARAMETER_VALUE`` exception, so the model server answers 400 with the
+    message. One prediction runs at a time per loaded model: the networks already use every
+    torch thread, and concurrent requests would multiply the peak memory.
+
+    Settings: ``device`` and ``max_pixels`` (default :data:`PYFUNC_MAX_PIXELS`; None = no
+    limit), from MLflow's model config when the model was logged with one, else through
+    :meth:`configure` after loading (what ``magicfuse.serve`` does).
     """
 
     def __init__(self, device: str = "auto"):
@@ -501,44 +638,59 @@ class _PyfuncMethods:
         artifacts = getattr(context, "artifacts", None) or {}
         if "pipeline" not in artifacts:
             raise CheckpointError(f"MagicFusePyfunc: the model has no 'pipeline' artifact (found {sorted(artifacts)})")
-        # MLflow's model_config (e.g. mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})) wins
-        device = (getattr(context, "model_config", None) or {}).get("device") or self.device
-        self.model = MagicFuse.from_pretrained(artifacts["pipeline"], device=device)
+        # MLflow's model_config (e.g. mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})) wins;
+        # MLflow passes it only to models logged with a model_config (else see `configure`)
+        config = getattr(context, "model_config", None) or {}
+        self.max_pixels = _max_pixels(config.get("max_pixels", PYFUNC_MAX_PIXELS))
+        self._lock = threading.Lock()  # made here, not in __init__: the logged instance is pickled
+        self._pipeline = artifacts["pipeline"]
+        self.model = MagicFuse.from_pretrained(self._pipeline, device=config.get("device") or self.device)
+
+    def configure(self, *, device: str | None = None, max_pixels: int | None = PYFUNC_MAX_PIXELS) -> None:
+        """Settings after loading, for the model server: ``device`` (the pipeline is loaded
+        again there if it is elsewhere) and ``max_pixels`` per request (None: no limit)."""
+        if self.model is None:
+            raise MagicFuseError("MagicFusePyfunc: load_context was not called")
+        self.max_pixels = _max_pixels(max_pixels)
+        if device is not None and resolve_device(device, error=DataError) != self.model.device:
+            self.model = MagicFuse.from_pretrained(self._pipeline, device=device)
 
     def predict(self, context: Any, model_input: Any = None, params: Mapping[str, Any] | None = None) -> np.ndarray:
         if model_input is None:  # called as predict(model_input) without a context
             context, model_input = None, context
         if self.model is None:
             raise MagicFuseError("MagicFusePyfunc: load_context was not called")
-        params = dict(params or {})
-        if hasattr(model_input, "to_numpy") and not isinstance(model_input, np.ndarray):
-            model_input = model_input.to_numpy()
-        if isinstance(model_input, np.ndarray):
-            if model_input.ndim == 3 and model_input.shape[-1] in (1, 3, 4):
-                items = [model_input]
-            elif model_input.ndim == 4:
-                items = list(model_input)
-            else:
-                raise DataError(f"MagicFusePyfunc: expected uint8 (B,H,W,3) or (H,W,3), got shape {model_input.shape}")
-        elif isinstance(model_input, (list, tuple)):
-            items = [np.asarray(x) for x in model_input]
-        else:
-            raise DataError(f"MagicFusePyfunc: expected a numpy array or a list of arrays, got {type(model_input).__name__}")
-        if not items:
-            raise DataError("MagicFusePyfunc: empty input")
-        for i, x in enumerate(items):
-            if x.dtype != np.uint8:
-                raise DataError(f"MagicFusePyfunc: image {i} has dtype {x.dtype}, expected uint8")
-        sizes = {x.shape[:2] for x in items}
-        if len(sizes) != 1:
-            raise DataError(f"MagicFusePyfunc: images of one call must share a size, got {sorted(sizes)}")
-        res = self.model.fuse(items, steps=params.get("steps"), tau=params.get("tau"),
-                              seed=int(params.get("seed", 0)), batch_size=int(params.get("batch_size", 4)),
-                              outputs=("magimg",))
+        try:
+            images = check_pyfunc_input(model_input, max_pixels=getattr(self, "max_pixels", PYFUNC_MAX_PIXELS))
+            p = check_pyfunc_params(params, self.model.settings)
+        except DataError as exc:
+            raise _pyfunc_input_error()(f"MagicFuse: {exc}") from None
+        with self._lock:
+            res = self.model.fuse(list(images), steps=p["steps"], tau=p["tau"], seed=p["seed"],
+                                  batch_size=p["batch_size"], outputs=("magimg",))
         return np.stack([r.magimg for r in res])
 
 
 _PYFUNC_CLASS: type | None = None
+_PYFUNC_INPUT_ERROR: type | None = None
+
+
+def _pyfunc_input_error() -> type:
+    """``PyfuncInputError``: a :class:`DataError` that is also an MLflow exception with error
+    code ``INVALID_PARAMETER_VALUE``, which the MLflow model server answers with HTTP 400 and
+    the message (any other exception from ``predict`` becomes a 400 with a generic message)."""
+    global _PYFUNC_INPUT_ERROR
+    if _PYFUNC_INPUT_ERROR is None:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        def __init__(self: Any, message: str) -> None:
+            MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
+
+        cls = type("PyfuncInputError", (MlflowException, DataError),
+                   {"__module__": __name__, "__init__": __init__, "__doc__": _pyfunc_input_error.__doc__})
+        _PYFUNC_INPUT_ERROR = cls
+    return _PYFUNC_INPUT_ERROR
 
 
 def _pyfunc_class() -> type:
