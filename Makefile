@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup run test test-slow bench ui
+.PHONY: setup run test test-slow bench ui serve
 
 setup: $(STAMP)
 
@@ -54,3 +54,12 @@ bench: setup
 
 ui: setup
 	$(BIN)/mlflow ui --workers 1 --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts
+
+# Serve a registered pipeline over HTTP (MLflow's protocol) from the store `make run` writes
+# (mlflow.db here, or $MLFLOW_TRACKING_URI). Override on the command line only, e.g.
+# `make serve PORT=5002 MODEL=models:/magicfuse/3` (plain `=`: a HOST or PORT in the environment is ignored).
+MODEL = models:/magicfuse@champion
+HOST = 127.0.0.1
+PORT = 5001
+serve: setup
+	$(BIN)/python -m magicfuse.serve --model '$(MODEL)' --host '$(HOST)' --port '$(PORT)'
