@@ -189,6 +189,13 @@ def test_pipeline_model_registry_and_promotion(parts):
     two = model.predict(np.concatenate([img, _image(24, 36, seed=6)]), params={"steps": 1})
     assert two.shape == (2, 24, 36, 3)
 
+    # the logged model_config's keys are overridable at load time (MLflow ignores every key of a
+    # model logged without one): a lower pixel limit reaches the wrapper and refuses the same image
+    small = mlflow.pyfunc.load_model(f"models:/{name}@champion", model_config={**CPU, "max_pixels": 100})
+    assert small.unwrap_python_model().max_pixels == 100 and model.unwrap_python_model().max_pixels > 24 * 36
+    with pytest.raises(DataError, match="limit of 100 pixels"):
+        small.predict(img, params={"steps": 1})
+
 
 def test_pipeline_and_stage_runs_nest(store, tmp_path):
     record = tmp_path / "run.json"

@@ -23,7 +23,7 @@ from magicfuse.devices import resolve_device
 from magicfuse.diffusion.settings import NoiseSchedule, SamplerSettings
 from magicfuse.errors import CheckpointError, ConfigError, DataError
 from magicfuse.imageio import to_uint8
-from magicfuse.inference import _pyfunc_class
+from magicfuse.inference import PYFUNC_MAX_PIXELS, _pyfunc_class
 from magicfuse.io import sha256_file
 from magicfuse.mlflow_store import configure
 from magicfuse.tracking.runs import TrackingError
@@ -197,7 +197,11 @@ def _image_signature(example_in: Any, example_out: Any, params: Mapping[str, Any
 
 def _log_pyfunc(python_model: Any, artifacts: dict[str, str], *, registered_name: str, example_in: Any,
                 example_out: Any, params: Mapping[str, Any], tags: Mapping[str, str] | None,
-                name: str, run_name: str, example_params: Mapping[str, Any] | None = None) -> Any:
+                name: str, run_name: str, example_params: Mapping[str, Any] | None = None,
+                model_config: Mapping[str, Any] | None = None) -> Any:
+    """`model_config`: the wrapper's settings and their defaults. MLflow lets a loader override
+    only the keys logged here (`load_model(uri, model_config={"device": "cpu"})`), and ignores
+    every key of a model logged without one."""
     import mlflow
 
     signature = _image_signature(example_in, example_out, params)
@@ -215,6 +219,7 @@ def _log_pyfunc(python_model: Any, artifacts: dict[str, str], *, registered_name
             registered_model_name=registered_name,
             pip_requirements=pip_requirements(),
             code_paths=[str(_package_dir())],
+            model_config=dict(model_config or {"device": "auto"}),
         )
     finally:
         if own_run:
@@ -267,7 +272,8 @@ def log_pipeline_model(checkpoint_path: str | Path, *, registered_name: str = "m
     return _log_pyfunc(MagicFusePyfunc(), {PIPELINE_ARTIFACT: str(ckpt)}, registered_name=registered_name,
                        example_in=example_in, example_out=example_out, params=params,
                        example_params=example_params, tags=all_tags, name="magicfuse",
-                       run_name=f"log-model-{registered_name}")
+                       run_name=f"log-model-{registered_name}",
+                       model_config={"device": "auto", "max_pixels": PYFUNC_MAX_PIXELS})
 
 
 def log_component_model(kind: str, checkpoint_path: str | Path, ae_checkpoint: str | Path | None = None, *,
