@@ -332,7 +332,7 @@ def _register_component(params: Mapping[str, Any], kind: str, checkpoint: Path,
                         ae_checkpoint: Path | None = None) -> None:
 
     cfg = _tracking_cfg(params)
-    if cfg.register:
+    if cfg.register and _already_registered(f"{cfg.model_name}-{kind}", checkpoint) is None:
         tracking.log_component_model(kind, checkpoint, ae_checkpoint=ae_checkpoint,
                                      registered_name=f"{cfg.model_name}-{kind}")
 
@@ -343,12 +343,25 @@ def _register_pipeline(params: Mapping[str, Any], checkpoint: Path, *, eval_run_
     cfg = _tracking_cfg(params)
     if not cfg.register:
         return None
-    version = tracking.log_pipeline_model(checkpoint, registered_name=cfg.model_name)
+    version = _already_registered(cfg.model_name, checkpoint)
+    if version is None:
+        version = tracking.log_pipeline_model(checkpoint, registered_name=cfg.model_name)
     decision = tracking.promote_if_better(cfg.model_name, version.version, metric=cfg.promote_metric,
                                           higher_is_better=cfg.higher_is_better, alias=cfg.alias,
                                           metric_run_id=eval_run_id)
     print(f"registry: {decision.reason}")
     return decision.as_dict()
+
+
+def _already_registered(name: str, checkpoint: Path) -> Any | None:
+    """The version of `name` already registered from these checkpoint bytes (a stage killed after
+    registering and rerun exports the same checkpoint): reused, not registered twice."""
+    from magicfuse.io import sha256_file
+
+    version = tracking.version_with_checkpoint(name, sha256_file(checkpoint))
+    if version is not None:
+        print(f"registry: {name} v{version.version} already holds {checkpoint} (same sha256); not registered again")
+    return version
 
 
 def _one_shards_dir(params: Mapping[str, Any]) -> Path | list[Path]:

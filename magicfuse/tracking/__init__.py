@@ -25,7 +25,7 @@ from magicfuse.tracking.models import (
     log_pipeline_model,
     pip_requirements,
 )
-from magicfuse.tracking.registry import CHAMPION, PromotionDecision, promote_if_better
+from magicfuse.tracking.registry import CHAMPION, PromotionDecision, promote_if_better, version_with_checkpoint
 from magicfuse.tracking.runs import (
     PIPELINE_RUN_FILE,
     MetricLogger,
@@ -45,7 +45,7 @@ __all__ = [
     "PromotionDecision", "TrackingError", "configure", "current_pipeline_run", "default_tracking_uri",
     "end_pipeline_run", "flatten", "load_model", "log_artifacts", "log_component_model", "log_metrics",
     "log_pipeline_model", "metric_key", "pip_requirements", "project_root", "promote_if_better", "stage_run",
-    "start_pipeline_run", "use_tracking_store",
+    "start_pipeline_run", "use_tracking_store", "version_with_checkpoint",
 ]
 
 

@@ -28,6 +28,24 @@ class PromotionDecision:
         return dict(self.__dict__)
 
 
+def version_with_checkpoint(model_name: str, checkpoint_sha256: str) -> Any | None:
+    """The oldest version of `model_name` registered from a checkpoint with this sha256 (tag
+    ``magicfuse.checkpoint_sha256``, set by `log_pipeline_model`/`log_component_model`), else None.
+
+    A stage that is killed after it registered its model and then rerun (`dvc repro` after an
+    interruption) exports the same checkpoint again: the pipeline reuses this version instead of
+    registering a duplicate."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except Exception:  # no such registered model yet
+        return None
+    same = [mv for mv in versions if mv.tags.get("magicfuse.checkpoint_sha256") == checkpoint_sha256]
+    return min(same, key=lambda mv: int(mv.version)) if same else None
+
+
 def _run_metric(client: Any, run_id: str | None, metric: str) -> float | None:
     if not run_id:
         return None
