@@ -32,6 +32,7 @@ from magicfuse.training.ldm import LDMTrainConfig
 from magicfuse.training.ldm import train_ldm as train_denoiser
 from magicfuse.training.mkf import MKFTrainConfig
 from magicfuse.training.mkf import train_mkf as train_fusion
+from magicfuse.training.resume import mark_complete, prepare_out_dir
 
 __all__ = [
     "ARTIFACTS", "REPORTS", "STAGES", "load_params", "validate_params", "synthesize", "shards", "train_ae", "train_ldm",
@@ -217,10 +218,12 @@ def train_ae(params: Mapping[str, Any]) -> dict[str, Any]:
     cfg = section(params, "train_ae", AETrainConfig)
     cfg = _with_device(cfg, params)
     out_dir = ARTIFACTS / "ae"
+    _prepare_out_dir(params, "train_ae", cfg, out_dir)
     with _stage_run(params, "train_ae", {"train_ae": to_dict(cfg)}):
         res = train_autoencoder(cfg, _one_shards_dir(params), out_dir, logger=tracking.MetricLogger("train/"))
         _finish_training("train_ae", out_dir, res)
         _register_component(params, "ae", res.checkpoint)
+    mark_complete(out_dir)
     return _result_summary(res)
 
 
@@ -230,11 +233,13 @@ def train_ldm(params: Mapping[str, Any], branch: str) -> dict[str, Any]:
     cfg = _with_device(section(params, stage, LDMTrainConfig), params)
     out_dir = ARTIFACTS / branch
     ae_ckpt = ARTIFACTS / "ae" / "ae.pt"
+    _prepare_out_dir(params, stage, cfg, out_dir)
     with _stage_run(params, stage, {stage: to_dict(cfg)}):
         res = train_denoiser(cfg, branch=branch, ae_checkpoint=ae_ckpt, shards_dir=_one_shards_dir(params),
                              out_dir=out_dir, logger=tracking.MetricLogger("train/"))
         _finish_training(stage, out_dir, res)
         _register_component(params, branch, res.checkpoint, ae_checkpoint=ae_ckpt)
+    mark_complete(out_dir)
     return _result_summary(res)
 
 
@@ -242,11 +247,13 @@ def train_mkf(params: Mapping[str, Any]) -> dict[str, Any]:
     """Train the fusion network and head (Algorithm 1) and bundle the pipeline (artifacts/mkf)."""
     cfg = _with_device(section(params, "train_mkf", MKFTrainConfig), params)
     out_dir = ARTIFACTS / "mkf"
+    _prepare_out_dir(params, "train_mkf", cfg, out_dir)
     with _stage_run(params, "train_mkf", {"train_mkf": to_dict(cfg)}):
         res = train_fusion(cfg, ae_checkpoint=ARTIFACTS / "ae" / "ae.pt",
                            ikr_checkpoint=ARTIFACTS / "ikr" / "ikr.pt", ckg_checkpoint=ARTIFACTS / "ckg" / "ckg.pt",
                            shards_dir=_one_shards_dir(params), out_dir=out_dir, logger=tracking.MetricLogger("train/"))
         _finish_training("train_mkf", out_dir, res)
+    mark_complete(out_dir)
     return _result_summary(res)
 
 
@@ -362,6 +369,21 @@ def _already_registered(name: str, checkpoint: Path) -> Any | None:
     if version is not None:
         print(f"registry: {name} v{version.version} already holds {checkpoint} (same sha256); not registered again")
     return version
+
+
+# The files each training stage reads besides its shards: a stage killed with these inputs
+# resumes from its last.pt; with other inputs it starts over (magicfuse.training.resume).
+_UPSTREAM = {"train_ae": (), "train_ikr": ("ae/ae.pt",), "train_ckg": ("ae/ae.pt",),
+             "train_mkf": ("ae/ae.pt", "ikr/ikr.pt", "ckg/ckg.pt")}
+
+
+def _prepare_out_dir(params: Mapping[str, Any], stage: str, cfg: Any, out_dir: Path) -> str:
+    """Keep `out_dir` when it holds an interrupted run of this stage with the same configuration
+    and inputs (the trainer resumes from its last.pt), else empty it. DVC keeps the folder between
+    runs (`persist: true` in dvc.yaml)."""
+    inputs = [ARTIFACTS / rel for rel in _UPSTREAM[stage]]
+    inputs += [d / "manifest.parquet" for d in shard_dirs(params)]
+    return prepare_out_dir(out_dir, stage, to_dict(cfg), inputs)
 
 
 def _one_shards_dir(params: Mapping[str, Any]) -> Path | list[Path]:
