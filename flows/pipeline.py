@@ -133,6 +133,12 @@ def train_ldm_task(params: dict[str, Any], branch: str, share_cpu: int = 1) -> d
     return pipeline.train_ldm(params, branch)
 
 
+@task(name="train_ddp", task_run_name="{stage}-x{nproc_per_node}", **_TASK)
+def train_ddp_task(params: dict[str, Any], stage: str, nproc_per_node: int) -> dict[str, Any]:
+    """One training stage as `nproc_per_node` DDP processes (torchrun; one per GPU)."""
+    return pipeline.run_stage_distributed(stage, params, nproc_per_node)
+
+
 @task(name="train_mkf", **_TASK)
 def train_mkf_task(params: dict[str, Any]) -> dict[str, Any]:
     return pipeline.train_mkf(params)
@@ -166,9 +172,15 @@ def data_flow(params_path: str = "params.yaml", profile: str | None = None,
 # parallelism on CPU. train_ae and train_mkf run in the flow's own process.
 @flow(name="train", log_prints=True, task_runner=ProcessPoolTaskRunner(max_workers=2))
 def train_flow(params_path: str = "params.yaml", profile: str | None = None,
-               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """train_ae -> train_ikr and train_ckg concurrently (two processes) -> train_mkf."""
+               overrides: dict[str, Any] | None = None, nproc_per_node: int = 1) -> dict[str, Any]:
+    """train_ae -> train_ikr and train_ckg concurrently (two processes) -> train_mkf.
+
+    `nproc_per_node` > 1 (a multi-GPU worker): every training stage runs, one after the
+    other, as that many torchrun DDP processes (`pipeline.run_stage_distributed`)."""
     params = resolve_params(params_path, profile, overrides)
+    if nproc_per_node != 1:
+        return {stage: train_ddp_task(params, stage, nproc_per_node)
+                for stage in ("train_ae", "train_ikr", "train_ckg", "train_mkf")}
     ae = train_ae_task(params)
     ikr = train_ldm_task.submit(params, "ikr", share_cpu=2)
     ckg = train_ldm_task.submit(params, "ckg", share_cpu=2)
@@ -187,8 +199,9 @@ def evaluate_flow(params_path: str = "params.yaml", profile: str | None = None,
 
 @flow(name="magicfuse-pipeline", log_prints=True)
 def magicfuse_pipeline(params_path: str = "params.yaml", profile: str | None = None,
-                       overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The whole pipeline under one MLflow pipeline run (its stage runs nest under it)."""
+                       overrides: dict[str, Any] | None = None, nproc_per_node: int = 1) -> dict[str, Any]:
+    """The whole pipeline under one MLflow pipeline run (its stage runs nest under it);
+    `nproc_per_node` > 1 trains with that many DDP processes (see `train_flow`)."""
     params = resolve_params(params_path, profile, overrides)  # fail fast on bad parameters
     run_id = tracking.start_pipeline_run("pipeline", tags={"magicfuse.orchestrator": "prefect",
                                                            "magicfuse.profile": str(params.get("profile", "tiny"))},
@@ -199,7 +212,7 @@ def magicfuse_pipeline(params_path: str = "params.yaml", profile: str | None = N
         with _pipeline_run_env(run_id):
             out = {
                 "data": data_flow(params_path, profile, overrides),
-                "train": train_flow(params_path, profile, overrides),
+                "train": train_flow(params_path, profile, overrides, nproc_per_node),
                 "evaluate": evaluate_flow(params_path, profile, overrides),
             }
         status = "FINISHED"
@@ -220,12 +233,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="override one parameter, dotted key, YAML value (repeatable), e.g. train_ae.steps=50")
     ap.add_argument("--flow", choices=("pipeline", "data", "train", "evaluate"), default="pipeline",
                     help="which flow to run (default: the whole pipeline)")
+    ap.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                    help="pipeline/train flows: run each training stage as N torchrun DDP processes "
+                         "(one per GPU), one stage after the other (default 1: in-process, IKR || CKG)")
     args = ap.parse_args(argv)
     flows = {"pipeline": magicfuse_pipeline, "data": data_flow, "train": train_flow, "evaluate": evaluate_flow}
     try:
         overrides = parse_set(args.sets) or None
         resolve_params(args.params, args.profile, overrides)  # bad parameters: fail before starting Prefect
-        result = flows[args.flow](params_path=args.params, profile=args.profile, overrides=overrides)
+        extra = {"nproc_per_node": args.nproc_per_node} if args.flow in ("pipeline", "train") else {}
+        if args.nproc_per_node != 1 and not extra:
+            raise ConfigError(f"--nproc-per-node applies to the pipeline and train flows, not to {args.flow!r}")
+        result = flows[args.flow](params_path=args.params, profile=args.profile, overrides=overrides, **extra)
     except MagicFuseError as exc:
         print(f"flow {args.flow}: error: {exc}", file=sys.stderr)
         return 1

@@ -50,10 +50,13 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS, *, profile: str | None = None) -> dict[str, Any]:
+def load_params(path: str | Path = DEFAULT_PARAMS, *, profile: str | None = None,
+                resolved: bool = False) -> dict[str, Any]:
     """Read params.yaml (plus the profile overrides it selects) into a dict.
 
-    `profile`, when given, replaces the file's top-level `profile` value.
+    `profile`, when given, replaces the file's top-level `profile` value. `resolved`: the
+    file already holds its profile's values (a merged copy, as `magicfuse.pipeline.
+    run_stage_distributed` writes it), so the profile is not merged in again.
     """
     path = Path(path)
     if not path.is_file():
@@ -68,7 +71,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, *, profile: str | None = None
     if profile is not None:
         params["profile"] = profile
     profile = params.get("profile", "tiny")
-    if profile != "tiny":
+    if profile != "tiny" and not resolved:
         prof_path = path.parent / "profiles" / f"{profile}.yaml"
         if not prof_path.is_file():
             raise ConfigError(f"{path}: profile {profile!r} selected but {prof_path} does not exist")

@@ -11,11 +11,20 @@ stage run nested under the current pipeline run.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+import yaml
 
 from magicfuse import tracking
 from magicfuse.config import ConfigError, check_sections, from_mapping, section, to_dict
@@ -25,8 +34,10 @@ from magicfuse.data.shards import ShardConfig, write_shards
 from magicfuse.data.degrade import DegradationConfig
 from magicfuse.data.synthetic import write_synthetic_dataset
 from magicfuse.devices import resolve_device
+from magicfuse.errors import MagicFuseError
 from magicfuse.evaluation.pipeline import EvaluateConfig, run_evaluation
-from magicfuse.io import write_json_atomic
+from magicfuse.io import sha256_file, write_json_atomic, write_text_atomic
+from magicfuse.training import distributed as ddp
 from magicfuse.training.ae import AETrainConfig, train_autoencoder
 from magicfuse.training.ldm import LDMTrainConfig
 from magicfuse.training.ldm import train_ldm as train_denoiser
@@ -133,10 +144,12 @@ def validate_params(params: Mapping[str, Any], where: str = "params.yaml") -> No
             from_mapping(cls, params[name] or {}, where=f"{where}:{name}")
 
 
-def load_params(path: str | Path = "params.yaml", *, profile: str | None = None) -> dict[str, Any]:
-    """`magicfuse.config.load_params` (params.yaml with its profile merged in), validated
-    whole by `validate_params`: a typo anywhere fails before the first stage starts."""
-    params = read_params(path, profile=profile)
+def load_params(path: str | Path = "params.yaml", *, profile: str | None = None,
+                resolved: bool = False) -> dict[str, Any]:
+    """`magicfuse.config.load_params` (params.yaml with its profile merged in, unless
+    `resolved`), validated whole by `validate_params`: a typo anywhere fails before the first
+    stage starts."""
+    params = read_params(path, profile=profile, resolved=resolved)
     validate_params(params, str(path) + (f" (profile {params.get('profile')})" if params.get("profile", "tiny")
                                          != "tiny" else ""))
     return params
@@ -218,13 +231,10 @@ def train_ae(params: Mapping[str, Any]) -> dict[str, Any]:
     cfg = section(params, "train_ae", AETrainConfig)
     cfg = _with_device(cfg, params)
     out_dir = ARTIFACTS / "ae"
-    _prepare_out_dir(params, "train_ae", cfg, out_dir)
-    with _stage_run(params, "train_ae", {"train_ae": to_dict(cfg)}):
-        res = train_autoencoder(cfg, _one_shards_dir(params), out_dir, logger=tracking.MetricLogger("train/"))
-        _finish_training("train_ae", out_dir, res)
-        _register_component(params, "ae", res.checkpoint)
-    mark_complete(out_dir)
-    return _result_summary(res)
+    return _training_stage(
+        params, "train_ae", cfg, out_dir,
+        lambda: train_autoencoder(cfg, _one_shards_dir(params), out_dir, logger=tracking.MetricLogger("train/")),
+        register=lambda res: _register_component(params, "ae", res.checkpoint))
 
 
 def train_ldm(params: Mapping[str, Any], branch: str) -> dict[str, Any]:
@@ -233,28 +243,22 @@ def train_ldm(params: Mapping[str, Any], branch: str) -> dict[str, Any]:
     cfg = _with_device(section(params, stage, LDMTrainConfig), params)
     out_dir = ARTIFACTS / branch
     ae_ckpt = ARTIFACTS / "ae" / "ae.pt"
-    _prepare_out_dir(params, stage, cfg, out_dir)
-    with _stage_run(params, stage, {stage: to_dict(cfg)}):
-        res = train_denoiser(cfg, branch=branch, ae_checkpoint=ae_ckpt, shards_dir=_one_shards_dir(params),
-                             out_dir=out_dir, logger=tracking.MetricLogger("train/"))
-        _finish_training(stage, out_dir, res)
-        _register_component(params, branch, res.checkpoint, ae_checkpoint=ae_ckpt)
-    mark_complete(out_dir)
-    return _result_summary(res)
+    return _training_stage(
+        params, stage, cfg, out_dir,
+        lambda: train_denoiser(cfg, branch=branch, ae_checkpoint=ae_ckpt, shards_dir=_one_shards_dir(params),
+                               out_dir=out_dir, logger=tracking.MetricLogger("train/")),
+        register=lambda res: _register_component(params, branch, res.checkpoint, ae_checkpoint=ae_ckpt))
 
 
 def train_mkf(params: Mapping[str, Any]) -> dict[str, Any]:
     """Train the fusion network and head (Algorithm 1) and bundle the pipeline (artifacts/mkf)."""
     cfg = _with_device(section(params, "train_mkf", MKFTrainConfig), params)
     out_dir = ARTIFACTS / "mkf"
-    _prepare_out_dir(params, "train_mkf", cfg, out_dir)
-    with _stage_run(params, "train_mkf", {"train_mkf": to_dict(cfg)}):
-        res = train_fusion(cfg, ae_checkpoint=ARTIFACTS / "ae" / "ae.pt",
-                           ikr_checkpoint=ARTIFACTS / "ikr" / "ikr.pt", ckg_checkpoint=ARTIFACTS / "ckg" / "ckg.pt",
-                           shards_dir=_one_shards_dir(params), out_dir=out_dir, logger=tracking.MetricLogger("train/"))
-        _finish_training("train_mkf", out_dir, res)
-    mark_complete(out_dir)
-    return _result_summary(res)
+    return _training_stage(
+        params, "train_mkf", cfg, out_dir,
+        lambda: train_fusion(cfg, ae_checkpoint=ARTIFACTS / "ae" / "ae.pt", ikr_checkpoint=ARTIFACTS / "ikr" / "ikr.pt",
+                             ckg_checkpoint=ARTIFACTS / "ckg" / "ckg.pt", shards_dir=_one_shards_dir(params),
+                             out_dir=out_dir, logger=tracking.MetricLogger("train/")))
 
 
 def evaluate(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -311,6 +315,68 @@ def run_stage(name: str, params: Mapping[str, Any] | None = None, **kwargs: Any)
     raise ConfigError(f"unknown stage {name!r}; stages are {STAGES}")
 
 
+DISTRIBUTED_STAGES = ("train_ae", "train_ikr", "train_ckg", "train_mkf")
+
+
+def run_stage_distributed(name: str, params: Mapping[str, Any], nproc_per_node: int, *,
+                          timeout_s: float | None = None) -> dict[str, Any]:
+    """Run one training stage as `nproc_per_node` DDP processes on this machine:
+    ``python -m torch.distributed.run --standalone --nproc_per_node N -m magicfuse.stage NAME``
+    (one process per GPU; gloo on CPU), with `params` (already merged and validated) in a
+    temporary file. Output streams through; returns rank 0's summary. A failed stage raises a
+    `MagicFuseError` with the stage's own error message."""
+    if name not in DISTRIBUTED_STAGES:
+        raise ConfigError(f"run_stage_distributed: {name!r} is not a training stage; expected one of {DISTRIBUTED_STAGES}")
+    if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
+        raise ConfigError(f"nproc_per_node must be an integer >= 1, got {nproc_per_node!r}")
+    validate_params(params, f"{name} parameters")
+    with tempfile.TemporaryDirectory(prefix=f"magicfuse-{name}-") as tmp:
+        params_file, summary_file = Path(tmp) / "params.yaml", Path(tmp) / "summary.json"
+        write_text_atomic(params_file, yaml.safe_dump(dict(params), sort_keys=False))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(nproc_per_node), "-m", "magicfuse.stage", name, "--params", str(params_file), "--resolved",
+               "--summary", str(summary_file)]
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                 "MASTER_PORT")}
+        errors: list[str] = []
+        tail: list[str] = []
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        timed_out = threading.Event()
+
+        def kill() -> None:
+            if proc.poll() is None:
+                timed_out.set()
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        watchdog = threading.Timer(timeout_s, kill) if timeout_s is not None else None
+        if watchdog is not None:
+            watchdog.daemon = True
+            watchdog.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # stream: progress and logs stay visible
+                print(line, end="", flush=True)
+                tail = (tail + [line.rstrip()])[-20:]
+                if f"stage {name}: error:" in line:
+                    errors.append(line.split(f"stage {name}: error:", 1)[1].strip())
+            rc = proc.wait()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            if proc.poll() is None:  # interrupted: take every rank down with it
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if timed_out.is_set():
+            raise MagicFuseError(f"stage {name} under torchrun ran past its {timeout_s:.0f} s limit and was stopped")
+        if rc != 0:
+            why = errors[0] if errors else "\n".join(tail[-5:])
+            raise MagicFuseError(f"stage {name} failed under torchrun ({nproc_per_node} processes, exit {rc}): {why}")
+        if not summary_file.is_file():
+            raise MagicFuseError(f"stage {name} under torchrun ended without rank 0's summary ({summary_file})")
+        return json.loads(summary_file.read_text())
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -363,8 +429,6 @@ def _register_pipeline(params: Mapping[str, Any], checkpoint: Path, *, eval_run_
 def _already_registered(name: str, checkpoint: Path) -> Any | None:
     """The version of `name` already registered from these checkpoint bytes (a stage killed after
     registering and rerun exports the same checkpoint): reused, not registered twice."""
-    from magicfuse.io import sha256_file
-
     version = tracking.version_with_checkpoint(name, sha256_file(checkpoint))
     if version is not None:
         print(f"registry: {name} v{version.version} already holds {checkpoint} (same sha256); not registered again")
@@ -396,6 +460,23 @@ def _with_device(cfg: Any, params: Mapping[str, Any]) -> Any:
 
     dev = _device(params, getattr(cfg, "device", "auto"))
     return dataclasses.replace(cfg, device=dev) if dev != getattr(cfg, "device", dev) else cfg
+
+
+def _training_stage(params: Mapping[str, Any], stage: str, cfg: Any, out_dir: Path, train: Callable[[], Any], *,
+                    register: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Run `train()` inside the stage's MLflow run, publish its outputs and register the model.
+    Under torchrun only rank 0 does the MLflow and publishing part; the other ranks only train
+    (else every rank opened a stage run and registered its own model version)."""
+    if ddp.launched_rank() != 0:  # rank 0 prepares out_dir before the ranks meet in init_distributed
+        return _result_summary(train())
+    _prepare_out_dir(params, stage, cfg, out_dir)
+    with _stage_run(params, stage, {stage: to_dict(cfg)}):
+        res = train()
+        _finish_training(stage, out_dir, res)
+        if register is not None:
+            register(res)
+    mark_complete(out_dir)
+    return _result_summary(res)
 
 
 def _finish_training(stage: str, out_dir: Path, res: Any) -> None:

@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:  # also set by pytest (pythonpath = ["."]); kept f
 
 from flows import pipeline as fp  # noqa: E402
 from magicfuse import pipeline  # noqa: E402
-from magicfuse.errors import ConfigError  # noqa: E402
+from magicfuse.errors import ConfigError, MagicFuseError  # noqa: E402
 
 # Small enough for ~a minute on 2 CPU cores; every stage still really runs.
 TINY = {
@@ -306,3 +306,56 @@ def test_the_whole_parameters_file_is_validated_before_any_stage(where, override
     params = fp.deep_merge(params, fp.parse_set([override]))
     with pytest.raises(ConfigError, match=message):
         pipeline.validate_params(params)
+
+
+# ----------------------------------------------------------------------------- torchrun launcher
+
+
+def test_resolved_parameters_are_not_merged_with_their_profile_again(tmp_path):
+    """What the torchrun launcher hands its ranks: a merged copy whose own values win."""
+    merged = fp.resolve_params(str(REPO / "params.yaml"), "real", {"train_ikr": {"steps": 7}})
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "real.yaml").write_text((REPO / "profiles" / "real.yaml").read_text())
+    path = _write(tmp_path / "merged.yaml", merged)
+    assert pipeline.load_params(path, resolved=True)["train_ikr"]["steps"] == 7
+    # premise: merging the profile again would bring back the profile's own value
+    assert pipeline.load_params(path)["train_ikr"]["steps"] != 7
+
+
+def test_a_stage_failing_under_torchrun_fails_with_its_own_message(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no artifacts/ae/ae.pt here
+    params = fp.resolve_params(str(REPO / "params.yaml"), None, TINY)
+    with pytest.raises(MagicFuseError, match=r"train_ckg failed under torchrun \(2 processes.*"
+                                                       r"autoencoder checkpoint not found"):
+        pipeline.run_stage_distributed("train_ckg", params, 2, timeout_s=300)
+    with pytest.raises(ConfigError, match="not a training stage"):
+        pipeline.run_stage_distributed("evaluate", params, 2)
+
+
+@pytest.mark.slow  # ~1 min on 2 CPU cores: two torchrun ranks start torch and train 2 steps
+def test_a_training_stage_under_torchrun_trains_once_and_registers_once(tmp_path, monkeypatch, pytestconfig):
+    import mlflow
+
+    from magicfuse.checkpoint import load_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_store(tmp_path, pytestconfig))
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    monkeypatch.delenv("MAGICFUSE_PIPELINE_RUN_ID", raising=False)
+    params = fp.resolve_params(str(REPO / "params.yaml"), None, {**TINY, "device": "cpu"})
+    pipeline.synthesize(params)
+    pipeline.shards(params)
+    pipeline.train_ae(params)
+
+    summary = pipeline.run_stage_distributed("train_ikr", params, 2, timeout_s=600)
+    assert summary["checkpoint"].endswith("ikr.pt") and summary["metrics"]["steps"] == 2
+    # both ranks' batches were counted: each rank holds 3 of the 6 training frames, so its two
+    # steps take batches of 2 and 1 (one process alone would count 2 + 2 = 4)
+    assert summary["metrics"]["images"] == 2 * (2 + 1)
+    net, payload = load_model(tmp_path / "artifacts" / "ikr" / "ikr.pt", kind="unet")
+    assert payload["train_config"]["steps"] == 2
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'train_ikr'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # rank 1 opened no run of its own
+    assert [str(v.version) for v in client.search_model_versions("name = 'magicfuse-ikr'")] == ["1"]

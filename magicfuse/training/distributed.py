@@ -51,6 +51,12 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
+def launched_rank() -> int:
+    """The rank torchrun gave this process (its ``RANK``; 0 outside torchrun), known before
+    `init_distributed` runs."""
+    return _env_int("RANK", 0)
+
+
 def current() -> DistInfo:
     """The process group as it stands (single process if none is initialised)."""
     if dist.is_available() and dist.is_initialized():
