@@ -216,7 +216,6 @@ def _log_pyfunc(python_model: Any, artifacts: dict[str, str], *, registered_name
             artifacts=artifacts,
             signature=signature,
             input_example=(example_in, dict(params if example_params is None else example_params)),
-            registered_model_name=registered_name,
             pip_requirements=pip_requirements(),
             code_paths=[str(_package_dir())],
             model_config=dict(model_config or {"device": "auto"}),
@@ -224,13 +223,14 @@ def _log_pyfunc(python_model: Any, artifacts: dict[str, str], *, registered_name
     finally:
         if own_run:
             mlflow.end_run()
-    if info.registered_model_version is None:
+    # The version is created with its tags in one step: a process killed in between (kill -9
+    # during `dvc repro`) would leave a version without magicfuse.checkpoint_sha256, which the
+    # rerun could not recognise (magicfuse.pipeline registers a checkpoint only once).
+    all_tags = {key: str(value) for key, value in {**(tags or {}), "magicfuse.model_uri": info.model_uri}.items()}
+    mv = mlflow.register_model(info.model_uri, registered_name, tags=all_tags)
+    if mv is None or mv.version is None:
         raise TrackingError(f"MLflow did not register model {registered_name!r} (run {info.run_id})")
-    client = mlflow.MlflowClient()
-    version = str(info.registered_model_version)
-    for key, value in {**(tags or {}), "magicfuse.model_uri": info.model_uri}.items():
-        client.set_model_version_tag(registered_name, version, key, str(value))
-    return client.get_model_version(registered_name, version)
+    return mlflow.MlflowClient().get_model_version(registered_name, str(mv.version))
 
 
 
