@@ -47,7 +47,8 @@ from magicfuse.training.resume import mark_complete, prepare_out_dir
 
 __all__ = [
     "ARTIFACTS", "REPORTS", "STAGES", "load_params", "validate_params", "synthesize", "shards", "train_ae", "train_ldm",
-    "train_mkf", "evaluate", "run_stage",
+    "train_mkf", "evaluate", "run_stage", "run_stage_distributed", "stage_name", "stage_outputs", "stage_upstream",
+    "TRAINING_DIRS",
 ]
 
 ARTIFACTS = Path("artifacts")
@@ -313,6 +314,61 @@ def run_stage(name: str, params: Mapping[str, Any] | None = None, **kwargs: Any)
     if name == "evaluate":
         return evaluate(params)
     raise ConfigError(f"unknown stage {name!r}; stages are {STAGES}")
+
+
+# ----------------------------------------------------------------------------- what each stage hands on
+# On a cluster (flows/cluster.py) every stage runs on some worker and hands its outputs to
+# the next stages through MLflow (magicfuse.tracking.handoff): these say which.
+
+TRAINING_DIRS = {"train_ae": "ae", "train_ikr": "ikr", "train_ckg": "ckg", "train_mkf": "mkf"}
+
+
+def stage_name(stage: str, source: str | None = None) -> str:
+    """The name of a stage's MLflow run: `shards@<source>` for a shard stage, else `stage`."""
+    if stage == "shards":
+        if not source:
+            raise ConfigError("the shards stage runs one source at a time here; name it (source=...)")
+        return f"shards@{source}"
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; stages are {STAGES}")
+    return stage
+
+
+def stage_outputs(params: Mapping[str, Any], stage: str, source: str | None = None) -> list[Path]:
+    """The files and folders later stages read from `stage` (relative to the working directory)."""
+    if stage == "synthesize":
+        return [Path(section(params, "synthesize", SynthesizeConfig).out_dir)]
+    if stage == "shards":
+        return [Path(section(params, "shards", ShardsStageConfig).out_dir) / stage_name(stage, source)[7:]]
+    if stage == "train_mkf":
+        return [ARTIFACTS / "mkf" / "pipeline.pt"]
+    if stage in TRAINING_DIRS:
+        part = TRAINING_DIRS[stage]
+        return [ARTIFACTS / part / f"{part}.pt"]
+    if stage == "evaluate":
+        return []  # its report and the registered model are logged by the stage itself
+    raise ConfigError(f"unknown stage {stage!r}; stages are {STAGES}")
+
+
+def stage_upstream(params: Mapping[str, Any], stage: str, source: str | None = None) -> list[str]:
+    """The stage runs (names as `stage_name`) whose outputs `stage` reads."""
+    shards_runs = [f"shards@{name}" for name in active_sources(params)]
+    if stage == "synthesize":
+        return []
+    if stage == "shards":
+        cfg = section(params, "shards", ShardsStageConfig)
+        root = Path(from_mapping(SourceConfig, cfg.sources[source], where=f"shards.sources.{source}").root)
+        scenes = Path(section(params, "synthesize", SynthesizeConfig).out_dir)
+        return ["synthesize"] if root.resolve() == scenes.resolve() or scenes.resolve() in root.resolve().parents else []
+    if stage == "train_ae":
+        return shards_runs
+    if stage in ("train_ikr", "train_ckg"):
+        return [*shards_runs, "train_ae"]
+    if stage == "train_mkf":
+        return [*shards_runs, "train_ae", "train_ikr", "train_ckg"]
+    if stage == "evaluate":
+        return [*shards_runs, "train_mkf"]
+    raise ConfigError(f"unknown stage {stage!r}; stages are {STAGES}")
 
 
 DISTRIBUTED_STAGES = ("train_ae", "train_ikr", "train_ckg", "train_mkf")
