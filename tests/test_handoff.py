@@ -134,10 +134,19 @@ def test_checkpoint_mirror_restores_on_another_worker(store, monkeypatch):
     latest = (out / "last.pt").read_bytes()
 
     b = _worker(store, "b", monkeypatch)
+    # worker b holds a *finished* run of the stage (an earlier pipeline): the mirrored one replaces it
+    (b / "artifacts/ikr").mkdir(parents=True)
+    (b / "artifacts/ikr/last.pt").write_bytes(b"old finished run")
+    (b / "artifacts/ikr/ikr.pt").write_bytes(b"old model")
+    (b / "artifacts/ikr" / RECORD).write_text(json.dumps({"fingerprint": {"stage": "train_ikr"}, "complete": True}))
     assert handoff.restore_checkpoint(pipe, "train_ikr", b / "artifacts/ikr") is True
     assert (b / "artifacts/ikr/last.pt").read_bytes() == latest
+    assert not (b / "artifacts/ikr/ikr.pt").exists()
     assert json.loads((b / "artifacts/ikr" / RECORD).read_text())["complete"] is False
-    assert handoff.restore_checkpoint(pipe, "train_ikr", b / "artifacts/ikr") is False  # has one already
+    # its own interrupted run of the same stage and inputs: kept (at least as recent as the mirror)
+    (b / "artifacts/ikr/last.pt").write_bytes(b"step 24, local")
+    assert handoff.restore_checkpoint(pipe, "train_ikr", b / "artifacts/ikr") is False
+    assert (b / "artifacts/ikr/last.pt").read_bytes() == b"step 24, local"
     assert handoff.restore_checkpoint(pipe, "train_ckg", b / "artifacts/ckg") is False  # none mirrored
 
 

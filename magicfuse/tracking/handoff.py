@@ -255,25 +255,45 @@ def close_stale_runs(pipeline_run_id: str, stage: str) -> list[str]:
 
 def restore_checkpoint(pipeline_run_id: str, stage: str, out_dir: str | Path) -> bool:
     """Put the last checkpoint `CheckpointMirror` logged for `stage` (pipeline run
-    `pipeline_run_id`) into `out_dir`, unless `out_dir` already holds one. True if restored."""
+    `pipeline_run_id`) into `out_dir`, emptied first, so that the stage resumes from it. Not
+    when there is none, when it is of a finished run, or when `out_dir` holds this worker's own
+    interrupted run of the same stage and inputs (at least as recent). True if restored."""
     from magicfuse.training.loop import LAST
     from magicfuse.training.resume import RECORD
 
     out_dir = Path(out_dir)
-    if (out_dir / LAST).is_file():
-        return False
     mlc = client()
     names = {Path(a.path).name for a in mlc.list_artifacts(pipeline_run_id, f"{RESUME}/{stage}")}
     if not {LAST, RECORD} <= names:
         return False
     with tempfile.TemporaryDirectory(prefix="magicfuse-resume-") as tmp:
-        for name in (RECORD, LAST):
-            got = _download(pipeline_run_id, f"{RESUME}/{stage}/{name}", Path(tmp))
+        record_file = _download(pipeline_run_id, f"{RESUME}/{stage}/{RECORD}", Path(tmp))
+        mirrored = _read_json(record_file)
+        if mirrored is None or mirrored.get("complete"):
+            return False
+        local = _read_json(out_dir / RECORD)
+        if (local is not None and not local.get("complete") and (out_dir / LAST).is_file()
+                and local.get("fingerprint") == mirrored.get("fingerprint")):
+            print(f"handoff: {stage}: {out_dir} holds this worker's own interrupted run; resuming from it", flush=True)
+            return False
+        got = _download(pipeline_run_id, f"{RESUME}/{stage}/{LAST}", Path(tmp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        for name, src in ((LAST, got), (RECORD, record_file)):
             with atomic_path(out_dir / name) as dst:
-                shutil.copyfile(got, dst)
+                shutil.copyfile(src, dst)
     print(f"handoff: {stage}: restored {out_dir / LAST} from pipeline run {pipeline_run_id} "
           f"({RESUME}/{stage}/); the stage resumes from it", flush=True)
     return True
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class CheckpointMirror:
