@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -255,7 +256,8 @@ def test_cluster_pipeline_two_workers_mlflow_handoff(cluster):
 
 
 def test_cluster_step_killed_resumes_from_mlflow_checkpoint(cluster):
-    """kill -9 of train_ckg's flow-run process after its first checkpoint reached MLflow."""
+    """kill -9 of train_ckg's flow-run process after its first checkpoint reached MLflow, and its
+    worker's artifacts/ckg removed (a lost machine): the next attempt resumes from MLflow."""
     import threading
 
     overrides = json.loads(json.dumps(MICRO))
@@ -278,7 +280,10 @@ def test_cluster_step_killed_resumes_from_mlflow_checkpoint(cluster):
                         if rows and rows[0]["pid"]:
                             pid = int(str(rows[0]["pid"]).rsplit(":", 1)[-1])
                             os.kill(pid, signal.SIGKILL)
-                            killed.update(pid=pid, pipeline=run.info.run_id, at=time.time())
+                            # the machine is gone with its disk: the step can only resume from MLflow
+                            worker = rows[0]["name"].rsplit(" on ", 1)[1]
+                            shutil.rmtree(cluster.clones[worker] / "artifacts" / "ckg", ignore_errors=True)
+                            killed.update(pid=pid, pipeline=run.info.run_id, worker=worker, at=time.time())
                             return
             except Exception as exc:  # servers busy: try again
                 killed.setdefault("errors", []).append(repr(exc))
@@ -302,3 +307,14 @@ def test_cluster_step_killed_resumes_from_mlflow_checkpoint(cluster):
     assert first_step > 8, f"the second attempt logged step {first_step}: it started over instead of resuming"
     assert runs[1].data.metrics["final.steps"] == 400
     print(f"train_ckg resumed: its second run's first logged step is {first_step}")
+    logs = "".join((cluster.tmp / f"{w}.log").read_text() for w in ("worker-a", "worker-b"))
+    assert f"train_ckg: restored artifacts/ckg/last.pt from pipeline run {pipe}" in logs
+
+
+def test_cluster_failed_step_fails_pipeline_with_its_message(cluster):
+    overrides = json.loads(json.dumps(MICRO))
+    overrides["shards"]["sources"] = {"synthetic": {"root": "artifacts/no-such-scenes"}}
+    result = _run_pipeline(cluster, overrides)
+    assert result["state"] == "FAILED", result
+    assert "step shards@synthetic failed" in result["message"], result
+    assert "artifacts/no-such-scenes does not exist" in result["message"], result
