@@ -203,7 +203,12 @@ def _pipeline_run_id(cluster: Cluster, flow_run_id: str) -> str:
 
 
 def test_cluster_pipeline_two_workers_mlflow_handoff(cluster):
-    result = _run_pipeline(cluster, MICRO)
+    # the denoisers train long enough (~30 s) that they overlap although a worker takes ~10 s
+    # to start a flow run
+    overrides = json.loads(json.dumps(MICRO))
+    for branch in ("train_ikr", "train_ckg"):
+        overrides[branch].update({"steps": 300, "ckpt_every": 100, "log_every": 50})
+    result = _run_pipeline(cluster, overrides)
     assert result["state"] == "COMPLETED", f"{result}\n{cluster.logs()}"
     pipe = _pipeline_run_id(cluster, result["id"])
     steps = _steps(cluster, pipe)
