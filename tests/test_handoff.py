@@ -121,15 +121,20 @@ def test_checkpoint_mirror_restores_on_another_worker(store, monkeypatch):
     out.mkdir(parents=True)
     (out / RECORD).write_text(json.dumps({"fingerprint": {"stage": "train_ikr"}, "complete": False}))
     pipe = tracking.start_pipeline_run(record=None, experiment="handoff-test")
+    def wait_for(n: int) -> None:
+        deadline = time.time() + 30
+        while mirror.uploads < n and time.time() < deadline:  # the thread picks it up
+            time.sleep(0.05)
+        assert mirror.uploads == n, mirror.error
+
     with handoff.CheckpointMirror(pipe, "train_ikr", out, interval=0.05) as mirror:
         assert mirror.sync() is False  # no last.pt yet
         (out / "last.pt").write_bytes(b"step 8" + os.urandom(64))
-        assert mirror.sync() is True
+        wait_for(1)
         assert mirror.sync() is False  # unchanged: not uploaded again
         (out / "last.pt").write_bytes(b"step 16" + os.urandom(64))
-        deadline = time.time() + 30
-        while mirror.uploads < 2 and time.time() < deadline:  # the thread picks it up
-            time.sleep(0.05)
+        wait_for(2)
+        time.sleep(0.3)
     assert mirror.uploads == 2 and mirror.error is None
     latest = (out / "last.pt").read_bytes()
 

@@ -213,3 +213,25 @@ def test_pipeline_and_stage_runs_nest(store, tmp_path):
     assert child.data.params["train_ae.steps"] == "3"
     assert child.data.metrics == {"train/loss": 0.25, "final.psnr": 21.5, "eval.visual.IKR_captured_input.EN": 7.5}
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_killed_pipeline_runs_are_closed_by_the_next_start(store, tmp_path):
+    """kill -9 of `make run` leaves its pipeline run and the stage run in progress RUNNING; the
+    next `tracking start` closes both as KILLED and leaves finished runs alone."""
+    record = tmp_path / "run.json"
+    first = tracking.start_pipeline_run("pipeline-test", record=record)
+    client = mlflow.MlflowClient()
+    exp = client.get_run(first).info.experiment_id
+    done = client.create_run(exp, run_name="train_ae", tags={"mlflow.parentRunId": first, "magicfuse.stage": "train_ae"})
+    client.set_terminated(done.info.run_id, "FINISHED")
+    dead = client.create_run(exp, run_name="train_ikr", tags={"mlflow.parentRunId": first, "magicfuse.stage": "train_ikr"})
+    second = tracking.start_pipeline_run("pipeline-test", record=record)
+    assert second != first
+    assert client.get_run(first).info.status == "KILLED"
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    assert client.get_run(done.info.run_id).info.status == "FINISHED"
+    assert client.get_run(second).info.status == "RUNNING"
+    tracking.end_pipeline_run("FINISHED", run_id=second)
+    third = tracking.start_pipeline_run("pipeline-test", record=record)  # a finished one is left alone
+    assert client.get_run(second).info.status == "FINISHED"
+    tracking.end_pipeline_run("FINISHED", run_id=third)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from magicfuse.io import atomic_path, sha256_file, write_json_atomic
-from magicfuse.tracking.runs import TrackingError
+from magicfuse.tracking.runs import TrackingError, child_runs, close_dead_runs
 
 __all__ = ["HANDOFF", "MANIFEST", "RESUME", "CheckpointMirror", "cache_dir", "client", "close_stale_runs", "fetch",
            "find_stage_run", "mirrored", "publish", "restore_checkpoint"]
@@ -220,19 +220,11 @@ def fetch(run_id: str, *, root: str | Path | None = None) -> list[str]:
     return placed
 
 
-def _stage_runs(pipeline_run_id: str, stage: str) -> list[Any]:
-    mlc = client()
-    parent = mlc.get_run(pipeline_run_id)
-    return mlc.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{pipeline_run_id}' and tags.`magicfuse.stage` = '{stage}'",
-        order_by=["attributes.start_time DESC"], max_results=100)
-
-
 def find_stage_run(pipeline_run_id: str, stage: str, *, published: bool = True) -> Any | None:
     """The latest FINISHED run of `stage` under the pipeline run; `published`: only one whose
     outputs were published completely."""
-    for run in _stage_runs(pipeline_run_id, stage):
+    client()
+    for run in child_runs(pipeline_run_id, stage):
         if run.info.status == "FINISHED" and (not published or run.data.tags.get(COMPLETE_TAG) == "complete"):
             return run
     return None
@@ -241,13 +233,8 @@ def find_stage_run(pipeline_run_id: str, stage: str, *, published: bool = True) 
 def close_stale_runs(pipeline_run_id: str, stage: str) -> list[str]:
     """Mark runs of `stage` under the pipeline run that are still RUNNING as KILLED (their process
     died, e.g. kill -9 of a worker); returns their ids. Called before the stage runs again."""
-    mlc = client()
-    stale = [r.info.run_id for r in _stage_runs(pipeline_run_id, stage) if r.info.status == "RUNNING"]
-    for run_id in stale:
-        mlc.set_terminated(run_id, status="KILLED")
-        mlc.set_tag(run_id, "magicfuse.note", "its process died; the stage was run again")
-        print(f"mlflow: {stage} run {run_id} was left RUNNING by a dead process; marked KILLED", flush=True)
-    return stale
+    client()
+    return close_dead_runs(pipeline_run_id, stage)
 
 
 # ----------------------------------------------------------------------------- resuming elsewhere
@@ -306,6 +293,7 @@ class CheckpointMirror:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"checkpoint-mirror-{stage}", daemon=True)
         self._seen: tuple[int, int] | None = None
+        self._lock = threading.Lock()  # sync() from the thread and from a caller: one upload per change
         self.uploads = 0
         self.error: str | None = None
 
@@ -337,20 +325,21 @@ class CheckpointMirror:
         from magicfuse.training.loop import LAST
         from magicfuse.training.resume import RECORD
 
-        try:
-            st = (self.out_dir / LAST).stat()
-        except FileNotFoundError:
-            return False
-        if self._seen == (st.st_mtime_ns, st.st_size):
-            return False
-        with tempfile.TemporaryDirectory(prefix="magicfuse-mirror-") as tmp:
-            # last.pt is replaced atomically by the trainer: a copy is one whole checkpoint
-            for name in (RECORD, LAST):
-                shutil.copyfile(self.out_dir / name, Path(tmp) / name)
-            self._client.log_artifacts(self.run_id, tmp, artifact_path=f"{RESUME}/{self.stage}")
-        self._seen = (st.st_mtime_ns, st.st_size)
-        self.uploads += 1
-        return True
+        with self._lock:
+            try:
+                st = (self.out_dir / LAST).stat()
+            except FileNotFoundError:
+                return False
+            if self._seen == (st.st_mtime_ns, st.st_size):
+                return False
+            with tempfile.TemporaryDirectory(prefix="magicfuse-mirror-") as tmp:
+                # last.pt is replaced atomically by the trainer: a copy is one whole checkpoint
+                for name in (RECORD, LAST):
+                    shutil.copyfile(self.out_dir / name, Path(tmp) / name)
+                self._client.log_artifacts(self.run_id, tmp, artifact_path=f"{RESUME}/{self.stage}")
+            self._seen = (st.st_mtime_ns, st.st_size)
+            self.uploads += 1
+            return True
 
 
 @contextlib.contextmanager

@@ -43,13 +43,52 @@ def _read_pipeline_run(path: Path) -> str | None:
         return None
 
 
+def child_runs(parent_run_id: str, stage: str | None = None) -> list[Any]:
+    """The runs nested under `parent_run_id` (only those of `stage` if given), newest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    if stage is not None:
+        query += f" and tags.`magicfuse.stage` = '{stage}'"
+    return client.search_runs([parent.info.experiment_id], filter_string=query,
+                              order_by=["attributes.start_time DESC"], max_results=1000)
+
+
+def close_dead_runs(parent_run_id: str, stage: str | None = None) -> list[str]:
+    """Mark the runs under `parent_run_id` (of `stage`, if given) that are still RUNNING as KILLED:
+    their process died (kill -9, a lost machine) and left them open. Returns their ids."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    dead = [r.info.run_id for r in child_runs(parent_run_id, stage) if r.info.status == "RUNNING"]
+    for run_id in dead:
+        client.set_terminated(run_id, status="KILLED")
+        client.set_tag(run_id, "magicfuse.note", "its process died and left it RUNNING")
+        print(f"mlflow: run {run_id} under {parent_run_id} was left RUNNING by a dead process; marked KILLED",
+              flush=True)
+    return dead
+
+
 def start_pipeline_run(name: str = "pipeline", *, tags: Mapping[str, str] | None = None,
                        record: Path | None = PIPELINE_RUN_FILE, experiment: str = DEFAULT_EXPERIMENT) -> str:
-    """Create a fresh parent run for one pipeline execution and remember its id."""
+    """Create a fresh parent run for one pipeline execution and remember its id (in `record`).
+    The previously recorded pipeline run, if a killed `make run` left it RUNNING, is closed as
+    KILLED with the stage runs left RUNNING under it."""
     import mlflow
 
     exp_id = configure(experiment)
     client = mlflow.MlflowClient()
+    previous = _read_pipeline_run(record) if record is not None else None
+    if previous:
+        try:
+            if client.get_run(previous).info.status == "RUNNING":
+                close_dead_runs(previous)
+                client.set_terminated(previous, status="KILLED")
+                print(f"mlflow: the previous pipeline run {previous} was left RUNNING; marked KILLED", flush=True)
+        except Exception:  # a run of another store, or deleted: nothing to close
+            pass
     run = client.create_run(exp_id, run_name=name, tags={"magicfuse.kind": "pipeline", **(tags or {})})
     if record is not None:
         write_json_atomic(record, {"run_id": run.info.run_id})
