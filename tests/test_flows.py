@@ -99,15 +99,28 @@ def test_prefect_yaml_deployments_match_the_flows():
 
     raw = yaml.safe_load((REPO / "prefect.yaml").read_text())
     cfg = PrefectYamlModel.model_validate(raw)
-    names = set()
+    names, pools, stages = set(), {}, {}
     for dep in cfg.deployments:
-        assert dep.work_pool is not None and dep.work_pool.name == "magicfuse-gpu"
+        assert dep.work_pool is not None
         file, func = dep.entrypoint.split(":")
         assert (REPO / file).is_file()
         flow_obj = load_flow_from_entrypoint(str(REPO / file) + ":" + func)
-        names.add(f"{flow_obj.name}/{dep.name}")
+        name = f"{flow_obj.name}/{dep.name}"
+        names.add(name)
+        pools[name] = dep.work_pool.name
         flow_obj.validate_parameters(dict(dep.parameters))  # raises on unknown or mistyped parameters
-    assert {"magicfuse-pipeline/gpu", "train/gpu", "evaluate/gpu", "data/gpu"} <= names
+        if flow_obj.name == "magicfuse-step":
+            stages[dep.name] = dep.parameters["stage"]
+    assert {"magicfuse-pipeline/gpu", "train/gpu", "evaluate/gpu", "data/gpu", "magicfuse-cluster/cluster"} <= names
+    # the cluster: one step deployment per stage, named as flows/cluster.py starts them, on the GPU pool;
+    # the pipeline flow (it only waits) on the CPU pool
+    from magicfuse.pipeline import STAGES
+
+    assert {s: s for s in STAGES} == {k: v for k, v in stages.items() if k == v}
+    assert pools["magicfuse-cluster/cluster"] == "magicfuse-cpu"
+    assert {p for n, p in pools.items() if n != "magicfuse-cluster/cluster"} == {"magicfuse-gpu"}
+    ddp = next(d for d in cfg.deployments if d.name == "train_ikr-ddp4")
+    assert ddp.work_pool.job_variables["env"]["MAGICFUSE_NPROC_PER_NODE"] == "4"
     step = raw["pull"][0]
     assert step["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $MAGICFUSE_HOME }}"
 
@@ -359,3 +372,31 @@ def test_a_training_stage_under_torchrun_trains_once_and_registers_once(tmp_path
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'train_ikr'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # rank 1 opened no run of its own
     assert [str(v.version) for v in client.search_model_versions("name = 'magicfuse-ikr'")] == ["1"]
+
+
+def test_cluster_step_nproc_job_variable(monkeypatch):
+    """The job variable env.MAGICFUSE_NPROC_PER_NODE selects torchrun for a cluster step."""
+    from flows import cluster
+
+    monkeypatch.delenv(cluster.NPROC_ENV, raising=False)
+    assert cluster._nproc(None) == 1
+    monkeypatch.setenv(cluster.NPROC_ENV, "4")
+    assert cluster._nproc(None) == 4
+    assert cluster._nproc(2) == 2  # an explicit parameter wins
+    monkeypatch.setenv(cluster.NPROC_ENV, "four")
+    with pytest.raises(ConfigError, match="MAGICFUSE_NPROC_PER_NODE='four'"):
+        cluster._nproc(None)
+    with pytest.raises(ConfigError, match=">= 1"):
+        cluster._nproc(0)
+
+
+def test_cluster_timeline_table():
+    from flows.cluster import format_timeline
+
+    rows = [{"stage": "train_ikr", "worker": "worker-a", "start": "2026-12-03T10:00:10+00:00",
+             "end": "2026-12-03T10:00:40+00:00", "flow_run": "train_ikr on worker-a"},
+            {"stage": "synthesize", "worker": "worker-b", "start": "2026-12-03T10:00:00+00:00",
+             "end": "2026-12-03T10:00:02.500000+00:00", "flow_run": "synthesize on worker-b"}]
+    lines = format_timeline(rows).splitlines()
+    assert lines[1].split()[:4] == ["train_ikr", "worker-a", "10.0", "40.0"]
+    assert lines[2].split()[:4] == ["synthesize", "worker-b", "0.0", "2.5"]
