@@ -26,6 +26,7 @@ flows (flows/pipeline.py) and `dvc repro` do not use any of this.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -41,7 +42,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from prefect import flow, runtime, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from flows.pipeline import _pipeline_run_env, resolve_params  # noqa: E402
+from flows.pipeline import _pipeline_run_env, parse_set, resolve_params  # noqa: E402
 from magicfuse import pipeline, tracking  # noqa: E402
 from magicfuse.errors import ConfigError, MagicFuseError  # noqa: E402
 from magicfuse.tracking import handoff  # noqa: E402
@@ -242,10 +243,6 @@ def format_timeline(rows: list[Mapping[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from flows.pipeline import parse_set
-
     ap = argparse.ArgumentParser(
         prog="python -m flows.cluster",
         description="Run the cluster pipeline flow here; its steps run as deployments on the Prefect server's "

@@ -39,7 +39,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from magicfuse.io import atomic_path, sha256_file, write_json_atomic
+from magicfuse.mlflow_store import use_tracking_store
 from magicfuse.tracking.runs import TrackingError, child_runs, close_dead_runs
+from magicfuse.training.loop import LAST
+from magicfuse.training.resume import RECORD
 
 __all__ = ["HANDOFF", "MANIFEST", "RESUME", "CheckpointMirror", "cache_dir", "client", "close_stale_runs", "fetch",
            "find_stage_run", "mirrored", "publish", "restore_checkpoint"]
@@ -53,8 +56,6 @@ LOCAL_RECORD = Path("artifacts") / ".handoff.json"  # path -> sha256 of what fet
 
 def client() -> Any:
     import mlflow
-
-    from magicfuse.mlflow_store import use_tracking_store
 
     use_tracking_store()
     return mlflow.MlflowClient()
@@ -245,9 +246,6 @@ def restore_checkpoint(pipeline_run_id: str, stage: str, out_dir: str | Path) ->
     `pipeline_run_id`) into `out_dir`, emptied first, so that the stage resumes from it. Not
     when there is none, when it is of a finished run, or when `out_dir` holds this worker's own
     interrupted run of the same stage and inputs (at least as recent). True if restored."""
-    from magicfuse.training.loop import LAST
-    from magicfuse.training.resume import RECORD
-
     out_dir = Path(out_dir)
     mlc = client()
     names = {Path(a.path).name for a in mlc.list_artifacts(pipeline_run_id, f"{RESUME}/{stage}")}
@@ -298,8 +296,6 @@ class CheckpointMirror:
         self.error: str | None = None
 
     def __enter__(self) -> "CheckpointMirror":
-        from magicfuse.training.loop import LAST
-
         with contextlib.suppress(FileNotFoundError):  # a restored checkpoint is already in MLflow
             st = (self.out_dir / LAST).stat()
             self._seen = (st.st_mtime_ns, st.st_size)
@@ -322,9 +318,6 @@ class CheckpointMirror:
 
     def sync(self) -> bool:
         """Upload the current last.pt if it changed since the last upload; True if uploaded."""
-        from magicfuse.training.loop import LAST
-        from magicfuse.training.resume import RECORD
-
         with self._lock:
             try:
                 st = (self.out_dir / LAST).stat()
