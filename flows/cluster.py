@@ -228,6 +228,46 @@ def cluster_pipeline(params_path: str = "params.yaml", profile: str | None = Non
     return {"pipeline_run_id": run_id, "steps": done}
 
 
+CRASH_AUTOMATION = "magicfuse: crash flow runs whose heartbeats stopped"
+
+
+def install_crash_detection(heartbeat_s: int = 60, missed: int = 3) -> str:
+    """Create (or replace) the Prefect automation that marks a flow run Crashed when it has sent
+    no heartbeat for `heartbeat_s` x `missed` seconds: its machine died together with its
+    worker, so no worker is left to report it. The pipeline flow then starts the step again on
+    another worker. Workers must run with PREFECT_FLOWS_HEARTBEAT_FREQUENCY=`heartbeat_s`
+    (>= 30). Returns the automation's id."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    if heartbeat_s < 30 or missed < 1:
+        raise ConfigError(f"crash detection: heartbeat_s must be >= 30 (Prefect's minimum) and missed >= 1, "
+                          f"got {heartbeat_s} and {missed}")
+    with_states = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
+    automation = Automation(
+        name=CRASH_AUTOMATION,
+        description=f"A flow run with no heartbeat for {heartbeat_s * missed} s is marked Crashed "
+                    f"(magicfuse flows/cluster.py restarts crashed steps).",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *with_states},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=heartbeat_s * missed)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {heartbeat_s * missed} s: its machine or worker died")])
+    try:
+        Automation.read(name=CRASH_AUTOMATION).delete()
+    except ValueError:  # none yet
+        pass
+    return str(automation.create().id)
+
+
 def format_timeline(rows: list[Mapping[str, Any]]) -> str:
     """The steps as a table: stage, worker, start and end (seconds after the first start)."""
     from datetime import datetime
@@ -252,8 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--nproc-per-node", type=int, default=1)
     ap.add_argument("--attempts", type=int, default=2)
+    ap.add_argument("--install-crash-detection", type=int, metavar="HEARTBEAT_S", default=None,
+                    help="only create the Prefect automation that marks a flow run Crashed after 3 missed "
+                         "heartbeats (workers run with PREFECT_FLOWS_HEARTBEAT_FREQUENCY=HEARTBEAT_S), then exit")
+    ap.add_argument("--missed-heartbeats", type=int, default=3, metavar="N",
+                    help="with --install-crash-detection: heartbeats missed before a run is marked Crashed (3)")
     args = ap.parse_args(argv)
     try:
+        if args.install_crash_detection is not None:
+            automation_id = install_crash_detection(args.install_crash_detection, args.missed_heartbeats)
+            print(f"automation {CRASH_AUTOMATION!r} ({automation_id}): a flow run without a heartbeat for "
+                  f"{args.missed_heartbeats * args.install_crash_detection} s is marked Crashed")
+            return 0
         result = cluster_pipeline(params_path=args.params, profile=args.profile,
                                   overrides=parse_set(args.sets) or None, nproc_per_node=args.nproc_per_node,
                                   attempts=args.attempts)

@@ -13,17 +13,20 @@ and CKG ran on different workers at overlapping times (Prefect's flow-run record
 checkpoint a step read came from its upstream run through the MLflow server (hash-checked),
 none from a shared disk; the registry has @champion.
 
-Run 2: train_ckg's flow-run process is killed with SIGKILL after its first checkpoint was
-mirrored to MLflow; the pipeline starts the step again, it resumes from that checkpoint (its
-first logged training step is past the checkpoint), the dead run is marked KILLED, and the
-pipeline completes. Everything is torn down, also on failure.
+Run 2: the worker running train_ckg is killed with SIGKILL together with the step's process
+(a lost machine) after the step's first checkpoint was mirrored to MLflow; the heartbeat
+automation (`python -m flows.cluster --install-crash-detection`) marks the run Crashed, the
+pipeline starts the step again on the other worker, it resumes from the MLflow checkpoint (its
+first logged training step is past the checkpoint), the dead MLflow run is marked KILLED, and
+the pipeline completes. Run 3: a failed step fails the pipeline with its own message.
+Everything is torn down, also on failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -73,6 +76,7 @@ class Cluster:
         self.prefect_api = f"http://127.0.0.1:{self.prefect_port}/api"
         self.art_dest = tmp / "mlflow-artifacts"
         self.clones: dict[str, Path] = {}
+        self.workers: dict[str, subprocess.Popen] = {}
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "MAGICFUSE_"))}
@@ -81,6 +85,7 @@ class Cluster:
             "PREFECT_HOME": str(self.tmp / "prefect-home"), "PREFECT_API_URL": self.prefect_api,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false", "DO_NOT_TRACK": "1",
             "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
             "MLFLOW_TRACKING_URI": self.mlflow_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "NO_ALBUMENTATIONS_UPDATE": "1",
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
@@ -114,10 +119,14 @@ class Cluster:
             _run([cli, "work-pool", "create", pool, "--type", "process"], self.tmp, self.env())
         out = _run([cli, "--no-prompt", "deploy", "--all"], self.clones["orchestrator"], self.env(), timeout=300)
         assert "magicfuse-step/train_ckg" in out and "magicfuse-cluster/cluster" in out, out[-3000:]
+        # a flow run whose machine dies sends no more heartbeats: Crashed after 3 x 30 s
+        out = _run([str(BIN / "python"), "-m", "flows.cluster", "--install-crash-detection", "30",
+                    "--missed-heartbeats", "3"], self.clones["orchestrator"], self.env())
+        assert "is marked Crashed" in out, out[-2000:]
         for name, pool, limit in (("orchestrator", "magicfuse-cpu", "4"), ("worker-a", "magicfuse-gpu", "1"),
                                   ("worker-b", "magicfuse-gpu", "1")):
             clone = self.clones[name]
-            self.spawn(name, [cli, "worker", "start", "--pool", pool, "--type", "process", "--name", name,
+            self.workers[name] = self.spawn(name, [cli, "worker", "start", "--pool", pool, "--type", "process", "--name", name,
                               "--limit", limit], clone,
                        self.env(MAGICFUSE_HOME=str(clone), MAGICFUSE_WORKER_NAME=name,
                                 MAGICFUSE_CACHE=str(self.tmp / f"cache-{name}")))
@@ -260,9 +269,10 @@ def test_cluster_pipeline_two_workers_mlflow_handoff(cluster):
     assert client.get_run(pipe).info.status == "FINISHED"
 
 
-def test_cluster_step_killed_resumes_from_mlflow_checkpoint(cluster):
-    """kill -9 of train_ckg's flow-run process after its first checkpoint reached MLflow, and its
-    worker's artifacts/ckg removed (a lost machine): the next attempt resumes from MLflow."""
+def test_cluster_worker_killed_step_resumes_from_mlflow_checkpoint(cluster):
+    """kill -9 of the worker running train_ckg, with its flow-run process (a machine lost), after
+    the step's first checkpoint reached MLflow: Prefect's heartbeat automation marks the run
+    Crashed, the pipeline starts the step again on the other worker, which resumes from MLflow."""
     import threading
 
     overrides = json.loads(json.dumps(MICRO))
@@ -283,11 +293,11 @@ def test_cluster_step_killed_resumes_from_mlflow_checkpoint(cluster):
                                 if r["flow"] == "magicfuse-step" and r["params"].get("stage") == "train_ckg"
                                 and r["state"] == "RUNNING" and r["params"].get("pipeline_run_id") == run.info.run_id]
                         if rows and rows[0]["pid"]:
-                            pid = int(str(rows[0]["pid"]).rsplit(":", 1)[-1])
-                            os.kill(pid, signal.SIGKILL)
-                            # the machine is gone with its disk: the step can only resume from MLflow
                             worker = rows[0]["name"].rsplit(" on ", 1)[1]
-                            shutil.rmtree(cluster.clones[worker] / "artifacts" / "ckg", ignore_errors=True)
+                            pid = int(str(rows[0]["pid"]).rsplit(":", 1)[-1])
+                            os.killpg(cluster.workers[worker].pid, signal.SIGKILL)  # the worker ...
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(pid, signal.SIGKILL)  # ... and the step it ran
                             killed.update(pid=pid, pipeline=run.info.run_id, worker=worker, at=time.time())
                             return
             except Exception as exc:  # servers busy: try again
@@ -302,7 +312,10 @@ def test_cluster_step_killed_resumes_from_mlflow_checkpoint(cluster):
     pipe = killed["pipeline"]
     ckg = _steps(cluster, pipe)["train_ckg"]
     assert [r["state"] for r in ckg] == ["CRASHED", "COMPLETED"], ckg
-    print(f"\ntrain_ckg: {ckg[0]['name']} crashed (SIGKILL), {ckg[1]['name']} completed")
+    survivor = ckg[1]["name"].rsplit(" on ", 1)[1]
+    assert survivor != killed["worker"], ckg
+    print(f"\ntrain_ckg: {ckg[0]['name']} crashed (worker killed), marked Crashed "
+          f"{ckg[0]['end'] - killed['at']:.0f} s after the kill; {ckg[1]['name']} completed")
 
     runs = client.search_runs([client.get_run(pipe).info.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{pipe}' and tags.`magicfuse.stage` = 'train_ckg'",
@@ -312,8 +325,8 @@ def test_cluster_step_killed_resumes_from_mlflow_checkpoint(cluster):
     assert first_step > 8, f"the second attempt logged step {first_step}: it started over instead of resuming"
     assert runs[1].data.metrics["final.steps"] == 400
     print(f"train_ckg resumed: its second run's first logged step is {first_step}")
-    logs = "".join((cluster.tmp / f"{w}.log").read_text() for w in ("worker-a", "worker-b"))
-    assert f"train_ckg: restored artifacts/ckg/last.pt from pipeline run {pipe}" in logs
+    log = (cluster.tmp / f"{survivor}.log").read_text()
+    assert f"train_ckg: restored artifacts/ckg/last.pt from pipeline run {pipe}" in log
 
 
 def test_cluster_failed_step_fails_pipeline_with_its_message(cluster):
