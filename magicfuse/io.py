@@ -57,3 +57,13 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json_object(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object (dict) in `path`, or None when the file is missing, unreadable as JSON
+    or holds something else (records that may be absent or half-written by a killed run)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from magicfuse.io import atomic_path, sha256_file, write_json_atomic
+from magicfuse.io import atomic_path, read_json_object, sha256_file, write_json_atomic
 from magicfuse.mlflow_store import use_tracking_store
 from magicfuse.tracking.runs import TrackingError, child_runs, close_dead_runs
 from magicfuse.training.loop import LAST
@@ -168,21 +168,13 @@ def _cached(entry: dict[str, Any], run_id: str) -> Path:
     return target
 
 
-def _read_record(root: Path) -> dict[str, str]:
-    try:
-        record = json.loads((root / LOCAL_RECORD).read_text())
-        return record if isinstance(record, dict) else {}
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
 def fetch(run_id: str, *, root: str | Path | None = None) -> list[str]:
     """Put the outputs run `run_id` published under `root` (default the working directory), each
     checked against its sha256; files already there with the same bytes are left alone. Returns
     their paths (relative to `root`)."""
     root = Path(root or Path.cwd())
     manifest = _manifest(run_id)
-    record = _read_record(root)
+    record = read_json_object(root / LOCAL_RECORD) or {}
     placed = []
     for entry in manifest["files"]:
         rel = entry["path"]
@@ -253,10 +245,10 @@ def restore_checkpoint(pipeline_run_id: str, stage: str, out_dir: str | Path) ->
         return False
     with tempfile.TemporaryDirectory(prefix="magicfuse-resume-") as tmp:
         record_file = _download(pipeline_run_id, f"{RESUME}/{stage}/{RECORD}", Path(tmp))
-        mirrored = _read_json(record_file)
+        mirrored = read_json_object(record_file)
         if mirrored is None or mirrored.get("complete"):
             return False
-        local = _read_json(out_dir / RECORD)
+        local = read_json_object(out_dir / RECORD)
         if (local is not None and not local.get("complete") and (out_dir / LAST).is_file()
                 and local.get("fingerprint") == mirrored.get("fingerprint")):
             print(f"handoff: {stage}: {out_dir} holds this worker's own interrupted run; resuming from it", flush=True)
@@ -271,14 +263,6 @@ def restore_checkpoint(pipeline_run_id: str, stage: str, out_dir: str | Path) ->
     print(f"handoff: {stage}: restored {out_dir / LAST} from pipeline run {pipeline_run_id} "
           f"({RESUME}/{stage}/); the stage resumes from it", flush=True)
     return True
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 class CheckpointMirror:

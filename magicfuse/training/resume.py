@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from magicfuse.io import sha256_file, write_json_atomic
+from magicfuse.io import read_json_object, sha256_file, write_json_atomic
 from magicfuse.training.loop import LAST, RESUMABLE_CHANGES
 
 RECORD = ".stage.json"
@@ -38,14 +38,6 @@ def fingerprint(stage: str, config: Mapping[str, Any], inputs: Iterable[str | Pa
     return json.loads(json.dumps({"stage": stage, "config": conf, "inputs": files}, sort_keys=True, default=str))
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def prepare_out_dir(out_dir: str | Path, stage: str, config: Mapping[str, Any],
                     inputs: Iterable[str | Path]) -> str:
     """Keep `out_dir` for resuming or empty it (see the module docstring), then record the
@@ -54,7 +46,7 @@ def prepare_out_dir(out_dir: str | Path, stage: str, config: Mapping[str, Any],
     current = fingerprint(stage, config, inputs)
     decision = "fresh"
     if out_dir.is_dir() and any(out_dir.iterdir()):
-        record = _read(out_dir / RECORD)
+        record = read_json_object(out_dir / RECORD)
         if record is None:
             why = "no record of the run that wrote it"
         elif record.get("complete"):
@@ -80,5 +72,5 @@ def prepare_out_dir(out_dir: str | Path, stage: str, config: Mapping[str, Any],
 def mark_complete(out_dir: str | Path) -> None:
     """Record the run in `out_dir` as finished: a later start empties the folder."""
     path = Path(out_dir) / RECORD
-    record = _read(path) or {}
+    record = read_json_object(path) or {}
     write_json_atomic(path, {**record, "complete": True})
