@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -36,7 +37,7 @@ from magicfuse.training import (
 from magicfuse.training import ldm as ldm_mod
 from magicfuse.training.ae import load_ae_init
 from magicfuse.training.ldm import ldm_loss, psnr
-from magicfuse.training.loop import BatchStream, lr_at, seeded, step_generator
+from magicfuse.training.loop import BatchStream, derive_seed, lr_at, seeded, step_generator
 from magicfuse.training.losses import (
     fusion_losses,
     rgb_to_ycbcr,
@@ -397,6 +398,55 @@ def test_evaluate_ldm_psnr_reports_baseline(shards, ae_ckpt, unet_ckpts):
     assert math.isfinite(res["psnr"]) and res["eval_samples"] == 2
     again = evaluate_ldm_psnr(ae, ckg, "ckg", shards, split="test", samples=2, steps=3)
     assert again == res  # deterministic sampling
+
+
+def test_evaluate_ldm_psnr_scores_ckg_box_contrast(ae_ckpt, unet_ckpts, tmp_path):
+    from magicfuse.data.boxes import Box
+    from magicfuse.evaluation.objects import mean_box_contrast
+
+    def with_boxes(i: int) -> PairSample:
+        s = _sample("test", i)
+        return dataclasses.replace(s, boxes=[Box(2, 10, 8, 22, 40, "person"), Box(1, 30, 30, 60, 50, "car")])
+
+    out = tmp_path / "boxed"
+    write_shards((with_boxes(i) for i in range(2)), out, split="test")
+    ae, _ = load_model(ae_ckpt, kind="ae")
+    ckg, _ = load_model(unet_ckpts[1], kind="unet")
+    res = evaluate_ldm_psnr(ae, ckg, "ckg", out, split="test", samples=2, steps=3, seed=5)
+    # the same images by hand: the sampler's stream with the evaluation's per-image seeds
+    greys = []
+    for n, b in enumerate(make_loader(out, "test", batch_size=1, crop=None, shuffle=False, members=("degraded",))):
+        gen = torch.Generator().manual_seed(derive_seed(5, n, 0xE7A1))
+        img = ldm_mod.sample_branch(ae, ckg, b["degraded"], steps=3, generator=gen,
+                                    schedule=make_ddim_schedule(3)).mean(1)[0]
+        greys.append(img.clamp(0, 1).mul(255).round().to(torch.uint8).numpy())
+    boxes = [[{"cls": 2, "x0": 10, "y0": 8, "x1": 22, "y1": 40}, {"cls": 1, "x0": 30, "y0": 30, "x1": 60, "y1": 50}]] * 2
+    assert res["person_contrast"] == pytest.approx(mean_box_contrast(greys, boxes, 2)[0], abs=1e-9)
+    assert res["car_contrast"] == pytest.approx(mean_box_contrast(greys, boxes, 1)[0], abs=1e-9)
+    assert res["person_contrast"] != res["car_contrast"]
+    ikr, _ = load_model(unet_ckpts[0], kind="unet")  # IKR and box-less splits have no contrast
+    assert "person_contrast" not in evaluate_ldm_psnr(ae, ikr, "ikr", out, split="test", samples=1, steps=2)
+
+
+def test_eval_every_scores_during_training_without_changing_it(shards, ae_ckpt, tmp_path):
+    plain = train_ldm(ldm_cfg(eval_samples=1, eval_steps=2), branch="ckg", ae_checkpoint=ae_ckpt,
+                      shards_dir=shards, out_dir=tmp_path / "plain")
+    logged: list[tuple[int, dict]] = []
+    scored = train_ldm(ldm_cfg(eval_samples=1, eval_steps=2, eval_every=2), branch="ckg", ae_checkpoint=ae_ckpt,
+                       shards_dir=shards, out_dir=tmp_path / "scored", logger=lambda m, s: logged.append((s, m)))
+    a, _ = load_model(plain.checkpoint, kind="unet")
+    b, _ = load_model(scored.checkpoint, kind="unet")
+    assert state_equal(a.state_dict(), b.state_dict())  # scoring does not touch the training randomness
+    assert [h["loss"] for h in plain.history] == [h["loss"] for h in scored.history]
+    evals = [(h["step"], h["eval/psnr"]) for h in scored.history if "eval/psnr" in h]
+    assert [s for s, _ in evals] == [2, 4, 5]  # every 2 steps, and the final model
+    assert evals[-1][1] == pytest.approx(scored.final_metrics["psnr"])
+    assert [s for s, m in logged if "eval/psnr" in m] == [2, 4, 5]
+    assert all("eval/psnr" not in h for h in plain.history)
+    rows = list(csv.DictReader(open(tmp_path / "scored" / "loss.csv")))
+    assert [r["step"] for r in rows if r["eval/psnr"]] == ["2", "4", "5"]
+    with pytest.raises(ConfigError, match="eval_every"):
+        ldm_cfg(eval_every=-1)
 
 
 def test_mkf_gradients_reach_only_fusion(shards, ae_ckpt, unet_ckpts):

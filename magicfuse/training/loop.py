@@ -78,6 +78,10 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     sample_every: int = 0  # preview grids every this many steps (0 = never)
+    # score the (EMA) model with the trainer's own evaluation every this many steps (0 = only
+    # once, after training): the scores go to the history (loss.csv, history.json, loss.png)
+    # and to the logger as "eval/<name>" at that step, so MLflow plots them against steps
+    eval_every: int = 0
     num_workers: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     split: str = "train"
@@ -91,7 +95,7 @@ class TrainConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name}.{key} must be >= 1, got {value}")
-        nonneg = {"sample_every": self.sample_every, "num_workers": self.num_workers,
+        nonneg = {"sample_every": self.sample_every, "eval_every": self.eval_every, "num_workers": self.num_workers,
                   "warmup_steps": self.warmup_steps, "lr_decay_every": self.lr_decay_every,
                   "grad_clip": self.grad_clip, "weight_decay": self.weight_decay}
         for key, value in nonneg.items():
@@ -111,7 +115,8 @@ class TrainConfig:
 
 # Fields that may change between a run and its resumption (they do not change the maths).
 RESUMABLE_CHANGES = frozenset(
-    {"steps", "log_every", "ckpt_every", "sample_every", "num_workers", "device", "progress", "init_from"}
+    {"steps", "log_every", "ckpt_every", "sample_every", "eval_every", "num_workers", "device", "progress",
+     "init_from"}
 )
 
 
@@ -416,15 +421,26 @@ def _loss_plot(history: list[dict[str, float]], name: str) -> bytes | None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, [h["loss"] for h in history], label="loss")
+    rows = [h for h in history if "loss" in h]
+    evals = sorted({k for h in history for k in h if k.startswith("eval/")})
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.5), dpi=100, squeeze=False)
+    ax = axes[0, 0]
+    ax.plot([h["step"] for h in rows], [h["loss"] for h in rows], label="loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"{name} training loss")
-    if all(h["loss"] > 0 for h in history):
+    if rows and all(h["loss"] > 0 for h in rows):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
+    if evals:
+        ev = axes[0, 1]
+        for k in evals:
+            pts = [(h["step"], h[k]) for h in history if k in h]
+            ev.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k.removeprefix("eval/"))
+        ev.set_xlabel("step")
+        ev.set_title(f"{name} evaluation during training")
+        ev.grid(alpha=0.3)
+        ev.legend(fontsize=7)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -448,6 +464,19 @@ def _write_preview(path: Path, image: Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+def _record_eval(history: list[dict[str, float]], step: int, scores: dict[str, float],
+                 logger: Logger | None) -> None:
+    """Put the evaluation `scores` of `step` into the history (the row of that step when it
+    has one, else a row of its own) and log them as "eval/<name>"."""
+    named = {f"eval/{k}": float(v) for k, v in scores.items()}
+    if history and history[-1].get("step") == step:
+        history[-1].update(named)
+    else:
+        history.append({"step": step, **named})
+    if logger is not None and named:
+        logger(named, step)
 
 
 def run_training(cfg: TrainConfig, job: TrainJob, out_dir: str | Path, *, logger: Logger | None = None,
@@ -588,6 +617,10 @@ def run_training(cfg: TrainConfig, job: TrainJob, out_dir: str | Path, *, logger
                 if artifacts is not None:
                     artifacts(path)
 
+            if main and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps \
+                    and job.evaluate is not None:
+                _record_eval(history, step, job.evaluate(ema.module if ema is not None else model), logger)
+
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save_state(step, batches.epoch, batches.index)
     finally:
@@ -608,7 +641,10 @@ def run_training(cfg: TrainConfig, job: TrainJob, out_dir: str | Path, *, logger
         final.update({"steps": float(step), "seconds": seconds, "images_per_s": images_per_s,
                       "images": float(images)})
         if job.evaluate is not None:
-            final.update({k: float(v) for k, v in job.evaluate(final_module).items()})
+            scores = {k: float(v) for k, v in job.evaluate(final_module).items()}
+            final.update(scores)
+            if cfg.eval_every:
+                _record_eval(history, step, scores, logger)
         _write_outputs(out_dir, job.name, history, final, artifacts)
     ddp.barrier()
     if not main:
