@@ -189,7 +189,7 @@ def evaluate_ldm_psnr(ae: nn.Module, unet: nn.Module, branch: str, shards_dir: s
     if branch == "ckg" and data.has_boxes():
         boxes = [b or [] for b in data.boxes]
         for name in ("person", "car"):
-            value, count = mean_box_contrast(grey, boxes, CLASS_ID[name])
+            value, _ = mean_box_contrast(grey, boxes, CLASS_ID[name])
             if value is not None:
                 scores[f"{name}_contrast"] = float(value)
     return scores

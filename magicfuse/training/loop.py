@@ -471,11 +471,13 @@ def _record_eval(history: list[dict[str, float]], step: int, scores: dict[str, f
     """Put the evaluation `scores` of `step` into the history (the row of that step when it
     has one, else a row of its own) and log them as "eval/<name>"."""
     named = {f"eval/{k}": float(v) for k, v in scores.items()}
+    if not named:
+        return
     if history and history[-1].get("step") == step:
         history[-1].update(named)
     else:
         history.append({"step": step, **named})
-    if logger is not None and named:
+    if logger is not None:
         logger(named, step)
 
 
