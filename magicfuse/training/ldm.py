@@ -44,6 +44,8 @@ from magicfuse.data.classes import CLASS_ID
 from magicfuse.errors import ConfigError, DataError
 from magicfuse.evaluation.dataset import load_eval_set
 from magicfuse.evaluation.objects import mean_box_contrast
+from magicfuse.imageio import to_uint8
+from magicfuse.inference import to_image_tensor
 from magicfuse.models import build_model, model_config
 from magicfuse.models.unet import prediction_of
 from magicfuse.training import distributed as ddp
@@ -163,25 +165,24 @@ def evaluate_ldm_psnr(ae: nn.Module, unet: nn.Module, branch: str, shards_dir: s
         raise DataError(f"{shards_dir}: split {split!r} has no samples to evaluate the {branch} denoiser on "
                         f"({exc})") from exc
 
-    def tensor(arr: Any) -> Tensor:
-        t = torch.from_numpy(arr).float().div(255.0)
-        return (t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]).to(device)
+    def tensor(arr: Any, name: str, channels: int = 3) -> Tensor:
+        return to_image_tensor(arr, name=name)[:channels][None].to(device)
 
     ours, base, grey = [], [], []
     for n, key in enumerate(data.keys):
-        degraded = tensor(data.degraded[n])
+        degraded = tensor(data.degraded[n], f"{key} degraded")
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, n, 0xE7A1))
         out = sample_branch(ae, unet, degraded, steps=steps, generator=gen, schedule=schedule)
         if branch == "ikr":
-            target = tensor(data.clean[n])
+            target = tensor(data.clean[n], f"{key} clean")
             pred, baseline = out, degraded
         else:
             if data.infrared[n] is None:
                 raise DataError(f"{shards_dir}: sample {key!r} of split {split!r} has no infrared to score the "
                                 "CKG denoiser against")
-            target = tensor(data.infrared[n])
+            target = tensor(data.infrared[n], f"{key} infrared", channels=1)
             pred, baseline = out.mean(dim=1, keepdim=True), degraded.mean(dim=1, keepdim=True)
-            grey.append(pred[0, 0].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy())
+            grey.append(to_uint8(pred)[0])
         ours.append(psnr(pred, target))
         base.append(psnr(baseline, target))
     scores = {"psnr": float(torch.cat(ours).mean()), "psnr_baseline": float(torch.cat(base).mean()),
