@@ -443,6 +443,33 @@ def test_from_msrs_reader_with_resume(tmp_path):
     assert b["clean"].shape == (7, 3, 32, 32) and b["label"].max() <= 8
 
 
+def test_finished_split_is_redone_when_its_reader_input_changes(tmp_path):
+    """A finished split is reused only while its input is the same: more scenes (e.g. a larger
+    `synthesize.splits`) or a rewritten file make write_shards start over, never keep stale shards."""
+    from magicfuse.data.readers import open_reader
+    from magicfuse.data.synthetic import write_synthetic_dataset
+
+    root, out = tmp_path / "msrs", tmp_path / "shards"
+    cfg = ShardConfig(samples_per_shard=3, seed=1)
+    write_synthetic_dataset(root, seed=0, splits={"train": 4}, height=H, width=W, progress=False)
+    first = write_shards(open_reader("msrs", root, "train"), out, split="train", cfg=cfg, progress=False)
+    assert first.num_samples == 4
+    again = write_shards(open_reader("msrs", root, "train"), out, split="train", cfg=cfg, progress=False)
+    assert (again.num_samples, again.kept_shards, again.written_shards) == (4, 2, 0)  # unchanged: reused
+
+    write_synthetic_dataset(root, seed=0, splits={"train": 7}, height=H, width=W, progress=False)
+    grown = write_shards(open_reader("msrs", root, "train"), out, split="train", cfg=cfg, progress=False)
+    assert (grown.num_samples, grown.kept_shards, grown.written_shards) == (7, 0, 3)
+    assert len(read_manifest(out)) == 7
+
+    reader = open_reader("msrs", root, "train")
+    vis = root / "train" / "vi" / f"{reader.keys()[0]}.png"
+    img = cv2.imread(str(vis))
+    cv2.imwrite(str(vis), 255 - img)  # same key, other pixels
+    redone = write_shards(open_reader("msrs", root, "train"), out, split="train", cfg=cfg, progress=False)
+    assert (redone.num_samples, redone.written_shards) == (7, 3)
+
+
 @pytest.mark.needs_shared
 def test_real_msrs_pairs(tmp_path):
     from magicfuse.data.readers import open_reader

@@ -200,6 +200,25 @@ class Reader:
     def __contains__(self, key: object) -> bool:
         return key in self._index
 
+    def signature(self) -> str:
+        """A digest of what the reader would yield without reading pixels: every sample's
+        key and the name, size and modification time of each of its files. It changes when
+        a file is added, removed, renamed or rewritten (write_shards redoes a finished split
+        then)."""
+        h = hashlib.sha256()
+        for e in self._entries:
+            h.update(e.key.encode("utf-8") + b"\0")
+            for path in (e.visible, e.infrared, e.label, e.boxes):
+                if path is None:
+                    h.update(b"-\0")
+                    continue
+                try:
+                    st = path.stat()
+                except OSError as exc:
+                    raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+                h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}\0".encode("utf-8"))
+        return h.hexdigest()
+
     def __getitem__(self, item: int | str) -> PairSample:
         if isinstance(item, str):
             if item not in self._index:

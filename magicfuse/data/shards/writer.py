@@ -342,6 +342,13 @@ def write_shards(
     fingerprint = json.loads(_json_bytes(fingerprint))
 
     prog = None if overwrite else load_progress(split_dir)
+    signature = samples.signature() if _is_reader(samples) and hasattr(samples, "signature") else None
+    if (prog is not None and prog.get("complete") and signature is not None
+            and prog.get("input") not in (None, signature)):
+        if progress:
+            print(f"[shards] {split}: the input changed since these shards were finished; writing them again",
+                  file=sys.stderr, flush=True)
+        prog = None  # a finished split of other input: start over (an interrupted one must match, below)
     kept: list[dict[str, Any]] = []
     if prog is not None:
         if prog.get("fingerprint") != fingerprint:
@@ -362,6 +369,8 @@ def write_shards(
     _cleanup_split(split_dir, {s["name"] for s in kept})
 
     state = {"version": PROGRESS_VERSION, "fingerprint": fingerprint, "complete": False, "shards": list(kept)}
+    if signature is not None:
+        state["input"] = signature
     write_json_atomic(progress_path, state)
 
     done = [row["key"] for shard in kept for row in shard["rows"]]
