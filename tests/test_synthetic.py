@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from magicfuse.data.classes import CLASS_ID, NUM_CLASSES
+from magicfuse.data.boxes import read_yolo_boxes
+from magicfuse.data.classes import CLASS_ID, MSRS_BOX_TO_MFNET, NUM_CLASSES
 from magicfuse.data.synthetic import Scene, generate_scene, write_synthetic_dataset
 from magicfuse.errors import ConfigError
 
@@ -133,7 +134,8 @@ def test_bad_arguments():
 def test_write_dataset_layout_roundtrip_and_idempotent(tmp_path):
     out = tmp_path / "syn"
     res = write_synthetic_dataset(out, seed=5, splits={"train": 3, "test": 2}, height=30, width=40, progress=False)
-    assert res["files_written"] == 15
+    assert res["files_written"] == 20  # vi, ir, label and boxes of 5 scenes
+    n_boxes = 0
     index = json.loads((out / "scenes.json").read_text())
     assert set(index["scenes"]) == set(res["keys"]["train"]) | set(res["keys"]["test"])
     for split, keys in res["keys"].items():
@@ -147,11 +149,23 @@ def test_write_dataset_layout_roundtrip_and_idempotent(tmp_path):
             assert np.array_equal(cv2.cvtColor(vi, cv2.COLOR_BGR2RGB), sc.visible)
             assert ir.ndim == 2 and np.array_equal(ir, sc.infrared)
             assert lab.ndim == 2 and np.array_equal(lab, sc.label)
+            # the YOLO boxes cover exactly the labelled people/bikes/cars, one box per region
+            boxes = read_yolo_boxes(out / "boxes" / f"{key}.txt", 40, 30, MSRS_BOX_TO_MFNET)
+            n_boxes += len(boxes)
+            for cls in MSRS_BOX_TO_MFNET.values():
+                covered = np.zeros_like(lab, dtype=bool)
+                for b in (b for b in boxes if b.cls == cls):
+                    y0, y1, x0, x1 = (int(round(v)) for v in (b.y0, b.y1, b.x0, b.x1))
+                    assert (lab[y0:y1, x0:x1] == cls).any()
+                    covered[y0:y1, x0:x1] = True
+                assert covered[lab == cls].all()
+                assert sum(b.cls == cls for b in boxes) == cv2.connectedComponents((lab == cls).astype(np.uint8))[0] - 1
+    assert n_boxes > 0  # the premise: these scenes hold objects
     train_idx = {index["scenes"][k]["index"] for k in res["keys"]["train"]}
     test_idx = {index["scenes"][k]["index"] for k in res["keys"]["test"]}
     assert not train_idx & test_idx
     again = write_synthetic_dataset(out, seed=5, splits={"train": 3, "test": 2}, height=30, width=40, progress=False)
-    assert again["files_written"] == 0 and again["files_unchanged"] == 15
+    assert again["files_written"] == 0 and again["files_unchanged"] == 20
     assert not list(out.rglob("*.tmp"))
 
 

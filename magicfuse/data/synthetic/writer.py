@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
-from magicfuse.data.classes import MFNET_CLASSES
+from magicfuse.data.classes import MFNET_CLASSES, MSRS_BOX_TO_MFNET
 from magicfuse.errors import ConfigError, DataError
 from magicfuse.io import write_bytes_atomic, write_json_atomic
 from magicfuse.data.synthetic.render import GENERATOR_VERSION, generate_scene, validate
@@ -44,11 +44,31 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
+_MFNET_TO_MSRS_BOX = {mfnet: msrs for msrs, mfnet in MSRS_BOX_TO_MFNET.items()}
+
+
+def label_boxes(label: np.ndarray) -> str:
+    """YOLO box text (MSRS classes: 0 person, 1 bicycle, 2 car) of the label's person, bike
+    and car regions: one box per 8-connected region, in the order person, bicycle, car and
+    then top-to-bottom, left-to-right. Empty when the scene has none."""
+    h, w = label.shape
+    lines = []
+    for cls in sorted(_MFNET_TO_MSRS_BOX.values()):
+        mfnet = MSRS_BOX_TO_MFNET[cls]
+        n, _, stats, _ = cv2.connectedComponentsWithStats((label == mfnet).astype(np.uint8), connectivity=8)
+        rows = sorted((int(st[1]), int(st[0]), int(st[2]), int(st[3])) for st in stats[1:n])
+        for y, x, bw, bh in rows:
+            lines.append(f"{cls} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}")
+    return "".join(line + "\n" for line in lines)
+
+
 def write_synthetic_dataset(out_dir: str | Path, *, seed: int, splits: Mapping[str, int],
                             height: int = 96, width: int = 128, progress: bool = True) -> dict[str, Any]:
     """Write synthetic scenes in the MSRS layout and `scenes.json`; return a summary.
 
-    `out_dir/{split}/{vi,ir,Segmentation_labels}/{key}.png`; keys `syn_{split}_{i:06d}{D|N}`.
+    `out_dir/{split}/{vi,ir,Segmentation_labels}/{key}.png`; keys `syn_{split}_{i:06d}{D|N}`;
+    `out_dir/boxes/{key}.txt`: YOLO boxes of the labelled people, bikes and cars
+    (`label_boxes`; the msrs reader's `boxes_dir: boxes`).
     Split `name` draws scene indices `offset(name) + i`, so splits never share scenes.
     Files already present with identical bytes are left untouched.
     """
@@ -91,6 +111,11 @@ def write_synthetic_dataset(out_dir: str | Path, *, seed: int, splits: Mapping[s
                         written += 1
                     else:
                         skipped += 1
+                path = out / "boxes" / f"{key}.txt"
+                if _write_if_changed(path, label_boxes(sc.label).encode("ascii")):
+                    written += 1
+                else:
+                    skipped += 1
                 scenes[key] = meta
                 keys[name].append(key)
                 if bar is not None:
