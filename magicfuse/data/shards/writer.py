@@ -342,7 +342,7 @@ def write_shards(
     fingerprint = json.loads(_json_bytes(fingerprint))
 
     prog = None if overwrite else load_progress(split_dir)
-    signature = samples.signature() if _is_reader(samples) and hasattr(samples, "signature") else None
+    signature = samples.signature() if hasattr(samples, "signature") else None
     if (prog is not None and prog.get("complete") and signature is not None
             and prog.get("input") not in (None, signature)):
         if progress:

@@ -44,17 +44,13 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
-_MFNET_TO_MSRS_BOX = {mfnet: msrs for msrs, mfnet in MSRS_BOX_TO_MFNET.items()}
-
-
 def label_boxes(label: np.ndarray) -> str:
     """YOLO box text (MSRS classes: 0 person, 1 bicycle, 2 car) of the label's person, bike
     and car regions: one box per 8-connected region, in the order person, bicycle, car and
     then top-to-bottom, left-to-right. Empty when the scene has none."""
     h, w = label.shape
     lines = []
-    for cls in sorted(_MFNET_TO_MSRS_BOX.values()):
-        mfnet = MSRS_BOX_TO_MFNET[cls]
+    for cls, mfnet in sorted(MSRS_BOX_TO_MFNET.items()):
         n, _, stats, _ = cv2.connectedComponentsWithStats((label == mfnet).astype(np.uint8), connectivity=8)
         rows = sorted((int(st[1]), int(st[0]), int(st[2]), int(st[3])) for st in stats[1:n])
         for y, x, bw, bh in rows:
@@ -105,17 +101,16 @@ def write_synthetic_dataset(out_dir: str | Path, *, seed: int, splits: Mapping[s
                 sc = generate_scene(seed, _split_offset(name) + i, height=height, width=width)
                 key = scene_key(name, i, sc.meta["time"])
                 meta = dict(sc.meta, split=name, key=key)
+                payloads = []
                 for sub, arr in (("vi", sc.visible), ("ir", sc.infrared), ("Segmentation_labels", sc.label)):
                     path = out / name / sub / f"{key}.png"
-                    if _write_if_changed(path, _encode_png(arr, path)):
+                    payloads.append((path, _encode_png(arr, path)))
+                payloads.append((out / "boxes" / f"{key}.txt", label_boxes(sc.label).encode("ascii")))
+                for path, data in payloads:
+                    if _write_if_changed(path, data):
                         written += 1
                     else:
                         skipped += 1
-                path = out / "boxes" / f"{key}.txt"
-                if _write_if_changed(path, label_boxes(sc.label).encode("ascii")):
-                    written += 1
-                else:
-                    skipped += 1
                 scenes[key] = meta
                 keys[name].append(key)
                 if bar is not None:
