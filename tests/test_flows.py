@@ -218,6 +218,30 @@ def test_real_profile_merges_to_valid_configs_and_disables_the_synthetic_source(
     assert pipeline.active_sources(fp.resolve_params(str(REPO / "params.yaml"))) == ["synthetic"]
 
 
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (REPO / "profiles").glob("*.yaml")))
+def test_every_shipped_profile_merges_to_valid_configs(profile):
+    """A typo in a profile's keys or values fails here, not minutes into a run."""
+    from magicfuse.config import section
+    from magicfuse.training.ldm import LDMTrainConfig
+
+    params = fp.resolve_params(str(REPO / "params.yaml"), profile=profile)
+    assert params["profile"] == profile
+    pipeline.validate_params(params, where=f"profiles/{profile}.yaml")
+    section(params, "train_ckg", LDMTrainConfig)
+
+
+def test_synthetic_long_profile_keeps_the_default_test_scenes_and_scales_scenes_and_ckg_steps():
+    tiny = fp.resolve_params(str(REPO / "params.yaml"))
+    long = fp.resolve_params(str(REPO / "params.yaml"), profile="synthetic-long")
+    # the same test and val scenes (a split's scenes depend on its name and size only), so the
+    # two profiles' reports score the same images
+    assert long["synthesize"]["splits"]["test"] == tiny["synthesize"]["splits"]["test"]
+    assert long["synthesize"]["splits"]["val"] == tiny["synthesize"]["splits"]["val"]
+    assert long["synthesize"]["splits"]["train"] == 8 * tiny["synthesize"]["splits"]["train"]
+    assert long["train_ckg"]["steps"] == 8 * tiny["train_ckg"]["steps"]
+    assert long["train_ckg"]["model"] == tiny["train_ckg"]["model"]
+
+
 def test_disabled_source_and_bad_split_options_are_clear_errors(tmp_path):
     from magicfuse import pipeline
     from magicfuse.config import from_mapping
