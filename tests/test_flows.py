@@ -234,9 +234,12 @@ def test_synthetic_long_profile_keeps_the_default_test_scenes_and_scales_scenes_
     # two profiles' reports score the same images
     assert long["synthesize"]["splits"]["test"] == tiny["synthesize"]["splits"]["test"]
     assert long["synthesize"]["splits"]["val"] == tiny["synthesize"]["splits"]["val"]
-    assert long["synthesize"]["splits"]["train"] == 8 * tiny["synthesize"]["splits"]["train"]
-    assert long["train_ckg"]["steps"] == 8 * tiny["train_ckg"]["steps"]
+    assert long["synthesize"]["splits"]["train"] > tiny["synthesize"]["splits"]["train"]
+    assert long["train_ckg"]["steps"] > tiny["train_ckg"]["steps"]
     assert long["train_ckg"]["model"] == tiny["train_ckg"]["model"]
+    # the settings its documented figures were measured with (docs/QUALITY.md)
+    assert (long["synthesize"]["splits"]["train"], long["train_ckg"]["steps"]) == (1280, 6400)
+    assert long["train_ckg"]["timesteps"] == "uniform"
 
 
 def test_disabled_source_and_bad_split_options_are_clear_errors(tmp_path):

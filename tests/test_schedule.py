@@ -134,3 +134,19 @@ def test_sample_timesteps_seeded():
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert int(a.min()) >= 0 and int(a.max()) < 1000
     assert int(sample_timesteps(1000, torch.Generator().manual_seed(0), num_train_steps=10).max()) == 9
+
+
+@pytest.mark.parametrize("density, mean, below_half", [("uniform", 0.5, 0.5), ("linear", 2 / 3, 0.25)])
+def test_sample_timesteps_density(density, mean, below_half):
+    # linear: t = floor(sqrt(u) T), P(t < T/2) = 1/4, E[t] = 2T/3; uniform: 1/2, T/2
+    t = sample_timesteps(40000, torch.Generator().manual_seed(1), num_train_steps=1000, density=density)
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) == 999
+    assert abs(t.float().mean().item() / 1000 - mean) < 0.01
+    assert abs((t < 500).float().mean().item() - below_half) < 0.01
+    again = sample_timesteps(40000, torch.Generator().manual_seed(1), num_train_steps=1000, density=density)
+    assert torch.equal(t, again)
+
+
+def test_sample_timesteps_rejects_an_unknown_density():
+    with pytest.raises(ConfigError, match="timestep density must be one of .*'cubic'"):
+        sample_timesteps(4, torch.Generator(), density="cubic")

@@ -172,6 +172,8 @@ def test_mkf_seg_class_weights_reach_the_loss():
 def test_config_rejects_unknown_and_bad_values():
     with pytest.raises(ConfigError, match="unknown key"):
         from_mapping(LDMTrainConfig, {"stepz": 3})
+    with pytest.raises(ConfigError, match="LDMTrainConfig.timesteps must be one of .*'cubic'"):
+        from_mapping(LDMTrainConfig, {"timesteps": "cubic"})
     with pytest.raises(ConfigError, match="lr"):
         from_mapping(AETrainConfig, {"lr": -1.0})
     with pytest.raises(ConfigError, match="batch_size"):

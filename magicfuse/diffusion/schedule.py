@@ -155,17 +155,29 @@ def eps_loss(eps_pred: Tensor, noise: Tensor) -> Tensor:
     return F.mse_loss(eps_pred.float(), noise.float())
 
 
+TIMESTEP_DENSITIES = ("uniform", "linear")
+
+
 def sample_timesteps(
     batch: int,
     generator: torch.Generator | None = None,
     *,
     num_train_steps: int = NUM_TRAIN_STEPS,
     device: torch.device | str | None = None,
+    density: str = "uniform",
 ) -> Tensor:
-    """Uniform training timesteps in [0, num_train_steps), `(batch,)` long.
+    """Training timesteps in [0, num_train_steps), `(batch,)` long.
 
+    `density`: "uniform" (eq. 7, the authors' training) or "linear", where the density rises
+    linearly with t (t = ⌊√u·T⌋, mean 2T/3): more of the training goes to the noisy steps
+    where a sample's layout is decided. Each t's minimiser is unchanged, so the sampler is too.
     The generator must live on `device` (default: the generator's device, else CPU).
     """
+    if density not in TIMESTEP_DENSITIES:
+        raise ConfigError(f"timestep density must be one of {TIMESTEP_DENSITIES}, got {density!r}")
     if device is None:
         device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, num_train_steps, (batch,), generator=generator, device=device)
+    if density == "uniform":
+        return torch.randint(0, num_train_steps, (batch,), generator=generator, device=device)
+    u = torch.rand(batch, generator=generator, device=device)
+    return (u.sqrt() * num_train_steps).long().clamp_(max=num_train_steps - 1)

@@ -33,6 +33,7 @@ from magicfuse.diffusion.schedule import (
     BETA_END,
     BETA_START,
     NUM_TRAIN_STEPS,
+    TIMESTEP_DENSITIES,
     eps_loss,
     make_alphas_cumprod,
     make_ddim_schedule,
@@ -79,9 +80,15 @@ class LDMTrainConfig(TrainConfig):
     eval_samples: int = 4  # test images sampled after training for the PSNR check (0 = skip)
     eval_steps: int = 25  # DDIM steps of that check
     eval_split: str = "test"
+    # training t density: "uniform" (eq. 7) or "linear" (rising with t; the tiny CKG draws the
+    # scene's layout sooner: docs/QUALITY.md)
+    timesteps: str = "uniform"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.timesteps not in TIMESTEP_DENSITIES:
+            raise ConfigError(f"LDMTrainConfig.timesteps must be one of {TIMESTEP_DENSITIES}, "
+                              f"got {self.timesteps!r}")
         if self.num_train_steps < 1:
             raise ConfigError(f"LDMTrainConfig.num_train_steps must be >= 1, got {self.num_train_steps}")
         if self.eval_samples < 0 or self.eval_steps < 1:
@@ -101,11 +108,13 @@ def branch_target(batch: dict[str, Any], branch: str) -> Tensor:
 
 
 def ldm_loss(unet: nn.Module, batch: dict[str, Any], generator: torch.Generator, *,
-             alphas_cumprod: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Eq. 7 on one batch of latent pairs {"cond", "z0"}; t and ε come from `generator`.
+             alphas_cumprod: Tensor, timesteps: str = "uniform") -> tuple[Tensor, dict[str, Tensor]]:
+    """Eq. 7 on one batch of latent pairs {"cond", "z0"}; t (drawn with the `timesteps`
+    density of `sample_timesteps`) and ε come from `generator`.
     A v-predicting UNet (`UNetConfig.prediction`) regresses v = √ᾱ·ε − √(1−ᾱ)·z0 instead of ε."""
     cond, z0 = batch["cond"].float(), batch["z0"].float()
-    t = sample_timesteps(z0.shape[0], generator, num_train_steps=alphas_cumprod.numel(), device=z0.device)
+    t = sample_timesteps(z0.shape[0], generator, num_train_steps=alphas_cumprod.numel(), device=z0.device,
+                         density=timesteps)
     noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
     z_t = q_sample(z0, noise, alphas_cumprod[t])
     out = unet(z_t, t, cond)
@@ -246,7 +255,7 @@ def train_ldm(cfg: LDMTrainConfig, *, branch: Branch, ae_checkpoint: str | Path,
 
     job = TrainJob(
         name=branch, model=unet, model_config=model_config(unet),
-        loss_fn=lambda m, b, g: ldm_loss(m, b, g, alphas_cumprod=abar),
+        loss_fn=lambda m, b, g: ldm_loss(m, b, g, alphas_cumprod=abar, timesteps=cfg.timesteps),
         make_loader=loader, export=export, manifest_hash=manifest_hash(shards_dir),
         evaluate=evaluate, preview=preview,
     )
