@@ -48,8 +48,8 @@ PRESETS: dict[str, tuple[str, AnyConfig]] = {
     "ikr-tiny": ("unet", UNetConfig(model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                                     attention_resolutions=(4,), num_heads=2, num_groups=8,
                                     prediction="v")),
-    "ckg-tiny": ("unet", UNetConfig(model_channels=24, channel_mult=(1, 2, 2), num_res_blocks=1,
-                                    attention_resolutions=(4,), num_heads=4, num_groups=8,
+    "ckg-tiny": ("unet", UNetConfig(model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+                                    attention_resolutions=(4,), num_heads=2, num_groups=8,
                                     prediction="v")),
     "fusion-tiny": ("fusion", FusionConfig(channels=32, num_blocks=2, num_groups=8)),
     # between tiny and paper: the `real` profile (2 CPU cores, real 640x480 pairs)
