@@ -14,6 +14,7 @@ from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
 from magicfuse.errors import CheckpointError, ConfigError, DataError
 from magicfuse.inference import MagicFuse, _pyfunc_class, image_seed, to_image_tensor
 from magicfuse.models import build_model
+from magicfuse.models.unet import UNetConfig
 from magicfuse.tiling import (TiledAutoEncoder, TiledDenoiser, TiledFusion, TilingBudget, WindowedAttention, needs_tiling,
                               tile_starts, wrap_for_tiling)
 
@@ -34,12 +35,21 @@ def _randomise_zero_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
+# The random-weight CKG of these tests: the 24-channel, 4-head layout the tiling bounds below
+# were measured with (`ckg-tiny` until 2026-12-04). Pinned here so that the tiling checks do
+# not move when the default's preset changes: with random weights the windowed/tiled error
+# depends on the layout (the 16-channel, 2-head `ckg-tiny` gives max |Δ| 22.8/255 in the
+# windowed-attention check; the trained one is checked in docs/QUALITY.md).
+CKG_TEST_LAYOUT = UNetConfig(model_channels=24, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,),
+                             num_heads=4, num_groups=8, prediction="v")
+
+
 def tiny_modules(seed: int = 0) -> dict[str, torch.nn.Module]:
     torch.manual_seed(seed)
     return {
         "ae": build_model("ae", "ae").eval(),
         "ikr": _randomise_zero_init(build_model("unet", "ikr-tiny"), seed + 1),
-        "ckg": _randomise_zero_init(build_model("unet", "ckg-tiny"), seed + 2),
+        "ckg": _randomise_zero_init(build_model("unet", CKG_TEST_LAYOUT), seed + 2),
         "fusion": build_model("fusion", "fusion-tiny").eval(),
     }
 
