@@ -1,7 +1,7 @@
 """``magicfuse fuse``: fuse images from files, folders or globs into an output folder.
 
     magicfuse fuse INPUT... -o OUTDIR [--model models:/magicfuse@champion | PATH]
-        [--steps 25] [--tau 0.4] [--seed 0] [--device auto|cpu|cuda] [--batch-size 4]
+        [--steps 25] [--tau 0.4] [--init-noise-scale S] [--seed 0] [--device auto|cpu|cuda] [--batch-size 4]
         [--save ikr,ckg,seg,grid] [--recursive] [--overwrite] [--compile]
         [--max-pixels 50e6] [--tile N]
 
@@ -203,6 +203,7 @@ def fuse_files(
     save: Sequence[str] = (),
     steps: int | None = None,
     tau: float | None = None,
+    init_noise_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 4,
     overwrite: bool = False,
@@ -277,7 +278,8 @@ def fuse_files(
                     batch = torch.stack([torch.from_numpy(img).permute(2, 0, 1) for _, img in sub]).float() / 255.0
                     seeds = [image_seed(seed, it.name) for it, _ in sub]
                     try:
-                        results = model.run_batch(batch, seeds, steps=steps, tau=tau, outputs=tuple(need), tile=tile)
+                        results = model.run_batch(batch, seeds, steps=steps, tau=tau, outputs=tuple(need), tile=tile,
+                                                  init_noise_scale=init_noise_scale)
                     except (MagicFuseError, RuntimeError, MemoryError) as exc:
                         msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                         for it, _ in sub:
@@ -336,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.tau is not None and not 0.0 <= args.tau <= 1.0:
             raise FatalError(f"--tau must be in [0, 1], got {args.tau}")
+        if args.init_noise_scale is not None and not 0.0 <= args.init_noise_scale <= 1.0:
+            raise FatalError(f"--init-noise-scale must be in [0, 1], got {args.init_noise_scale}")
         if args.tile is not None and args.tile < 0:
             raise FatalError(f"--tile must be >= 0 (0 = never window or tile), got {args.tile}")
         items, failed = collect_inputs(args.inputs, recursive=args.recursive)
@@ -349,7 +353,8 @@ def run(args: argparse.Namespace) -> int:
     except MagicFuseError as exc:
         say(f"magicfuse fuse: error: {exc}")
         return 2
-    summary = fuse_files(model, items, outdir, save=args.save, steps=args.steps, tau=args.tau, seed=args.seed,
+    summary = fuse_files(model, items, outdir, save=args.save, steps=args.steps, tau=args.tau,
+                         init_noise_scale=args.init_noise_scale, seed=args.seed,
                          batch_size=args.batch_size, overwrite=args.overwrite, max_pixels=args.max_pixels,
                          progress=not args.quiet, log=say)
     summary.failed = failed + summary.failed
@@ -372,6 +377,9 @@ def add_cli(subparsers: Any) -> None:
                    help=f"MLflow model URI, pipeline checkpoint or model folder (default {DEFAULT_MODEL})")
     p.add_argument("--steps", type=_positive, default=None, help="DDIM steps (default: the model's, 25)")
     p.add_argument("--tau", type=float, default=None, help="radiation weight cap τ in [0,1] (default: the model's)")
+    p.add_argument("--init-noise-scale", type=float, default=None, metavar="S",
+                   help="scale of the starting noise z_T in [0,1]: 1 = the paper's N(0, I), lower = fewer "
+                        "invented details (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed (each image: hash of seed and its output name)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--batch-size", type=_positive, default=4, help="images per batch (same-size images only)")

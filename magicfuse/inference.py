@@ -396,8 +396,11 @@ class MagicFuse:
     # ---- running
     def run_batch(self, batch: torch.Tensor, seeds: Sequence[int], *, steps: int | None = None,
                   tau: float | None = None, variant: str | None = None, outputs: Sequence[str] = OUTPUTS,
-                  tile: Any = None) -> list[FuseResult]:
+                  tile: Any = None, init_noise_scale: float | None = None) -> list[FuseResult]:
         """One same-size batch (B,3,H,W) in [0,1] with one seed per image -> results.
+
+        ``steps``, ``tau``, ``variant`` and ``init_noise_scale`` override the pipeline's sampler
+        settings (None keeps them).
 
         ``outputs`` may also name ``"ckg_rgb"`` (the CKG image before the channel mean).
         """
@@ -406,7 +409,7 @@ class MagicFuse:
             raise DataError(f"unknown output(s) {unknown}; choose from {list(OUTPUTS)}")
         if batch.ndim != 4 or batch.shape[0] != len(seeds):
             raise DataError(f"run_batch: expected (B,3,H,W) and B seeds, got {tuple(batch.shape)} and {len(seeds)} seeds")
-        s = self.settings.replace(steps=steps, tau=tau, variant=variant)
+        s = self.settings.replace(steps=steps, tau=tau, variant=variant, init_noise_scale=init_noise_scale)
         hw = (int(batch.shape[2]), int(batch.shape[3]))
         nets = wrap_for_tiling(self.nets_for_variant(s.variant), hw, self.budget(tile))
         noise, seg_noise, ae_noise = self._noises(seeds, hw)
@@ -422,7 +425,7 @@ class MagicFuse:
             out = magicfuse_sample(nets, x, steps=s.steps, tau=s.tau,
                                    thermal_classes=s.thermal_classes, variant=s.variant, noise=noise,
                                    seg_noise=seg_noise, ae_noise=ae_noise, decode=sorted(decode),
-                                   schedule=s.ddim(self.device))
+                                   schedule=s.ddim(self.device), init_noise_scale=s.init_noise_scale)
         tensors = {"magimg": out.magimg, "ikr": out.ikr, "ckg": out.ckg_ir, "ckg_rgb": out.ckg, "seg": out.seg}
         fields = {name: (None if t is None or name not in outputs else
                          t.to(torch.uint8).cpu().numpy() if name == "seg" else to_uint8(t))
@@ -440,7 +443,8 @@ class MagicFuse:
 
     def fuse_iter(self, images: Any, *, steps: int | None = None, tau: float | None = None, seed: int = 0,
                   seeds: Sequence[int] | None = None, batch_size: int = 4, outputs: Sequence[str] = OUTPUTS,
-                  tile: Any = None, variant: str | None = None) -> Iterator[FuseResult]:
+                  tile: Any = None, variant: str | None = None,
+                  init_noise_scale: float | None = None) -> Iterator[FuseResult]:
         """Like :meth:`fuse`, yielding results as batches finish (grouped by size, so not
         in input order; each result's ``index`` gives its position)."""
         items = _flatten_inputs(images)
@@ -458,29 +462,32 @@ class MagicFuse:
                 sds = [int(seeds[i]) if seeds is not None else image_seed(seed, i) for i in chunk]
                 batch = torch.stack([tensors[i] for i in chunk])
                 for i, r in zip(chunk, self.run_batch(batch, sds, steps=steps, tau=tau, variant=variant,
-                                                                   outputs=outputs, tile=tile)):
+                                                      outputs=outputs, tile=tile,
+                                                      init_noise_scale=init_noise_scale)):
                     r.index = i
                     yield r
 
     def fuse(self, images: Any, *, steps: int | None = None, tau: float | None = None, seed: int = 0,
              seeds: Sequence[int] | None = None, batch_size: int = 4, outputs: Sequence[str] = OUTPUTS,
-             tile: Any = None, variant: str | None = None) -> list[FuseResult]:
+             tile: Any = None, variant: str | None = None,
+             init_noise_scale: float | None = None) -> list[FuseResult]:
         """Fuse one image or many (see the module docstring for accepted inputs).
 
         Images are grouped by size and run ``batch_size`` at a time; results come back
-        in input order, each at its input's exact size. ``steps``/``tau`` default to the
-        checkpoint's sampler settings, ``variant`` to its variant (an ablation of
+        in input order, each at its input's exact size. ``steps``/``tau``/``init_noise_scale``
+        default to the checkpoint's sampler settings, ``variant`` to its variant (an ablation of
         :mod:`magicfuse.diffusion.sampler` runs on the same weights). ``seed`` seeds every image's own generator from
         ``(seed, index)``; ``seeds`` gives explicit per-image seeds instead.
         """
         results = list(self.fuse_iter(images, steps=steps, tau=tau, seed=seed, seeds=seeds,
-                                      batch_size=batch_size, outputs=outputs, tile=tile, variant=variant))
+                                      batch_size=batch_size, outputs=outputs, tile=tile, variant=variant,
+                                      init_noise_scale=init_noise_scale))
         results.sort(key=lambda r: r.index)
         return results
 
     def __repr__(self) -> str:
         return (f"MagicFuse(source={self.source!r}, device={self.device}, steps={self.steps}, tau={self.tau}, "
-                f"thermal_classes={self.thermal_classes})")
+                f"thermal_classes={self.thermal_classes}, init_noise_scale={self.settings.init_noise_scale:g})")
 
 
 # --------------------------------------------------------------------------- MLflow pyfunc

@@ -282,6 +282,8 @@ def test_config_errors(setup, tmp_path):
         EvaluateConfig(ablations=("model5",))
     with pytest.raises(ConfigError, match="tau"):
         EvaluateConfig(taus=(0.2, 1.5))
+    with pytest.raises(ConfigError, match="EvaluateConfig.init_noise_scale"):
+        EvaluateConfig(init_noise_scale=1.2)
     with pytest.raises(ConfigError, match="metric"):
         EvaluateConfig(metrics=("EN", "FOO"))
     with pytest.raises(ConfigError):

@@ -71,6 +71,12 @@ def test_cli_output_matches_the_api(tmp_path, pipeline_path, model):
                  "--device", "cpu"]) == 0
     (ref,) = model.fuse(img, seeds=[image_seed(7, "x")])
     np.testing.assert_array_equal(read_image(tmp_path / "o" / "x_magimg.png"), ref.magimg)
+    # --init-noise-scale reaches the sampler as the API's argument does
+    assert _cli([str(tmp_path / "x.png"), "-o", str(tmp_path / "o2"), "--model", str(pipeline_path), "--seed", "7",
+                 "--device", "cpu", "--init-noise-scale", "0.25"]) == 0
+    (low,) = model.fuse(img, seeds=[image_seed(7, "x")], init_noise_scale=0.25)
+    np.testing.assert_array_equal(read_image(tmp_path / "o2" / "x_magimg.png"), low.magimg)
+    assert not np.array_equal(low.magimg, ref.magimg)
 
 
 def test_name_clashes_do_not_overwrite(tmp_path):
@@ -118,6 +124,9 @@ def test_fatal_errors_exit_2(tmp_path, pipeline_path, capsys):
     write_png(tmp_path / "a.png", _img(8, 8))
     assert _cli([str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--model", str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt" in capsys.readouterr().err
+    assert _cli([str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--model", str(pipeline_path),
+                 "--init-noise-scale", "1.5"]) == 2
+    assert "--init-noise-scale must be in [0, 1], got 1.5" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert _cli([str(tmp_path / "a.png"), "-o", str(blocker), "--model", str(pipeline_path)]) == 2

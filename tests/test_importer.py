@@ -114,8 +114,8 @@ def test_pipeline_round_trip(tmp_path):
     path = save_pipeline(tmp_path / "p.pt", **nets, sampler=sampler, profile="tiny")
     modules, payload = load_pipeline(path)
     assert sorted(modules) == ["ae", "ckg", "fusion", "ikr"]
-    # the settings round-trip as SamplerSettings (the variant is filled in with its default)
-    assert payload["sampler"] == {**sampler, "variant": "full"} and payload["profile"] == "tiny"
+    # the settings round-trip as SamplerSettings (the variant and z_T scale are filled in with their defaults)
+    assert payload["sampler"] == {**sampler, "variant": "full", "init_noise_scale": 1.0} and payload["profile"] == "tiny"
     assert SamplerSettings.from_mapping(payload["sampler"]).schedule == NoiseSchedule(500, 0.001, 0.02)
     assert set(payload["models"]["ikr"]) == {"kind", "config", "state_dict"}
     for name, net in nets.items():

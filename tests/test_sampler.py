@@ -142,6 +142,27 @@ def test_streams_share_z_T_and_eq8(nets, image):
     assert not torch.allclose(out.zhat["psi"], out.zhat["phi"])
 
 
+def test_init_noise_scale_scales_z_T_only(nets, image):
+    """z_T = init_noise_scale · noise: the same run as scale 1 on the scaled Gaussian (the
+    encoder noise and the segmentation state untouched); scale 0 starts every stream at 0."""
+    z = torch.randn(2, 8, 8, 12, generator=_gen(21))
+    s_T = torch.randn(2, 9, 8, 12, generator=_gen(22))
+    a_T = torch.randn(2, 32, 8, 12, generator=_gen(23))
+    kw = dict(steps=STEPS, seg_noise=s_T, ae_noise=a_T)
+    scaled = magicfuse_sample(nets, image, noise=z, init_noise_scale=0.5, **kw)
+    by_hand = magicfuse_sample(nets, image, noise=0.5 * z, **kw)
+    plain = magicfuse_sample(nets, image, noise=z, **kw)
+    for name in ("magimg", "ikr", "ckg", "seg_logits", "w"):
+        assert torch.equal(getattr(scaled, name), getattr(by_hand, name)), name
+    assert (scaled.ikr - plain.ikr).abs().max() > 1e-3  # premise: the scale changes the result
+    zero = magicfuse_sample(nets, image, noise=z, init_noise_scale=0.0, **kw)
+    other = magicfuse_sample(nets, image, noise=-z, init_noise_scale=0.0, **kw)
+    assert torch.equal(zero.ikr, other.ikr) and torch.equal(zero.ckg, other.ckg)
+    for bad in (-0.1, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(ConfigError, match="init_noise_scale"):
+            magicfuse_sample(nets, image, steps=1, init_noise_scale=bad)
+
+
 def test_sampler_reads_what_each_denoiser_predicts(nets, image):
     """The same weights read as an ε-predictor (the authors' convention) give eq. 13 on the raw
     output; read as a v-predictor, on ε = √ᾱ·v + √(1−ᾱ)·z_t."""
@@ -358,3 +379,18 @@ def test_no_host_device_sync_in_loop(image):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.magimg.shape == x.shape
+
+
+def test_sampler_settings_carry_init_noise_scale():
+    from magicfuse.diffusion.settings import SamplerSettings
+    s = SamplerSettings(init_noise_scale=0.5)
+    d = s.to_dict()
+    assert d["init_noise_scale"] == 0.5 and SamplerSettings.from_mapping(d) == s
+    # pipelines written before the setting existed sample as the paper does
+    old = {k: v for k, v in d.items() if k != "init_noise_scale"}
+    assert SamplerSettings.from_mapping(old).init_noise_scale == 1.0
+    assert s.replace(init_noise_scale=None).init_noise_scale == 0.5
+    assert s.replace(init_noise_scale=0.0).init_noise_scale == 0.0
+    for bad in (1.5, -1, "half", True):
+        with pytest.raises(ConfigError, match=r"ckpt\.pt.*init_noise_scale"):
+            SamplerSettings.from_mapping({**d, "init_noise_scale": bad}, where="ckpt.pt: sampler settings")

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,6 +179,10 @@ def test_config_rejects_unknown_and_bad_values():
         from_mapping(AETrainConfig, {"lr": -1.0})
     with pytest.raises(ConfigError, match="batch_size"):
         from_mapping(MKFTrainConfig, {"batch_size": 0})
+    with pytest.raises(ConfigError, match=r"MKFTrainConfig.init_noise_scale must be a number in \[0, 1\]"):
+        from_mapping(MKFTrainConfig, {"init_noise_scale": 2.0})
+    with pytest.raises(ConfigError, match=r"LDMTrainConfig.eval_init_noise_scale must be a number in \[0, 1\]"):
+        from_mapping(LDMTrainConfig, {"eval_init_noise_scale": -0.5})
     cfg = from_mapping(MKFTrainConfig, {})
     assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay) == ("sgd", 1e-3, 0.9, 1e-4)
     assert (cfg.w_contrast, cfg.w_texture, cfg.w_cb, cfg.w_cr) == (6.0, 10.0, 5.0, 5.0)
@@ -474,13 +479,23 @@ def test_mkf_gradients_reach_only_fusion(shards, ae_ckpt, unet_ckpts):
 
 def test_train_mkf_updates_fusion_and_bundles_pipeline(shards, ae_ckpt, unet_ckpts, tmp_path):
     cfg = from_mapping(MKFTrainConfig, {"steps": 2, "sampler_steps": 4, "crop": 16, "device": "cpu",
-                                        "progress": False, "log_every": 1, "thermal_classes": [2]})
+                                        "progress": False, "log_every": 1, "thermal_classes": [2],
+                                        "init_noise_scale": 0.5})
     res = train_mkf(cfg, ae_checkpoint=ae_ckpt, ikr_checkpoint=unet_ckpts[0], ckg_checkpoint=unet_ckpts[1],
                     shards_dir=shards, out_dir=tmp_path)
     assert res.checkpoint == tmp_path / "pipeline.pt" and res.files["fusion"] == tmp_path / "fusion.pt"
     nets, payload = load_pipeline(res.checkpoint)
     assert payload["sampler"] == {"steps": 4, "tau": 0.4, "thermal_classes": [2], "variant": "full",
-                                  "schedule": {"num_train_steps": 1000, "beta_start": 0.00085, "beta_end": 0.012}}
+                                  "schedule": {"num_train_steps": 1000, "beta_start": 0.00085, "beta_end": 0.012},
+                                  "init_noise_scale": 0.5}
+    # the pipeline samples with it; run_batch's override reaches the sampler
+    runner = MagicFuse.from_pretrained(res.checkpoint, device="cpu")
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    own = runner.run_batch(x, [5], outputs=("ikr",))[0].ikr
+    paper = runner.run_batch(x, [5], outputs=("ikr",), init_noise_scale=1.0)[0].ikr
+    as_paper = MagicFuse(nets, runner.settings.replace(init_noise_scale=1.0), device="cpu")
+    assert np.array_equal(as_paper.run_batch(x, [5], outputs=("ikr",))[0].ikr, paper)
+    assert not np.array_equal(own, paper)
     for name, path in (("ae", ae_ckpt), ("ikr", unet_ckpts[0]), ("ckg", unet_ckpts[1])):
         original, _ = load_model(path)
         assert state_equal(nets[name].state_dict(), original.state_dict()), name

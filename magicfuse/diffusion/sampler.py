@@ -1,7 +1,9 @@
 """The joint MagicFuse sampler — the only sampling loop of the project.
 
 One degraded visible image I goes in; three latent streams start from the SAME
-Gaussian z_T and are denoised together with deterministic DDIM (DESIGN.md §1):
+Gaussian z_T and are denoised together with deterministic DDIM (DESIGN.md §1).
+z_T is ``init_noise_scale`` × a standard Gaussian (1, the default, is the paper's
+N(0, I); a smaller scale is reduced-temperature sampling, see `SamplerSettings`):
 
 * z^ψ by the IKR denoiser Ψ, z^φ by the CKG denoiser Φ, both conditioned on
   c = E(I) (the autoencoder latent of the degraded image);
@@ -61,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magicfuse.diffusion.schedule import DDIMSchedule, ddim_step, eps_from_v, make_ddim_schedule, predict_x0
-from magicfuse.diffusion.settings import VARIANTS, SamplerSettings
+from magicfuse.diffusion.settings import VARIANTS, SamplerSettings, check_init_noise_scale
 from magicfuse.errors import ConfigError, DataError
 from magicfuse.models.fusion import radiation_weight
 from magicfuse.models.geometry import LATENT_DOWNSCALE, required_multiple, unwrap
@@ -291,13 +293,16 @@ def magicfuse_sample(
     grad_step: int | None = None,
     decode: bool | Collection[str] = True,
     schedule: DDIMSchedule | None = None,
+    init_noise_scale: float = DEFAULTS.init_noise_scale,
 ) -> SamplerOutput:
     """Run the joint MagicFuse sampler on a batch of degraded visible images.
 
     ``image`` (B,3,H,W) float in [0,1] (or a list of same-size (3,H,W) tensors).
-    ``noise`` = z_T (B,8,h,w), ``seg_noise`` (B,C,h,w) and ``ae_noise`` (the
-    encoder's noise) at the padded latent size; whatever is not given is drawn from
-    ``generator`` in that order (z_T, encoder noise, segmentation noise).
+    ``noise`` = the standard Gaussian behind z_T (B,8,h,w), ``seg_noise`` (B,C,h,w) and
+    ``ae_noise`` (the encoder's noise) at the padded latent size; whatever is not given is
+    drawn from ``generator`` in that order (z_T, encoder noise, segmentation noise).
+    ``init_noise_scale`` in [0, 1] multiplies that Gaussian: z_T = init_noise_scale · noise (given
+    or drawn; the segmentation state and the encoder noise are not scaled).
     ``stop_at``/``grad_step``: indices into the list of ``steps`` DDIM steps (see
     module docstring). ``decode``: True decodes all images, False none (image fields are
     None), or a subset of ``("magimg", "ikr", "ckg")`` (each decode is a full autoencoder
@@ -311,6 +316,7 @@ def magicfuse_sample(
         raise ConfigError(f"magicfuse_sample: decode must be a bool or a subset of {list(DECODABLE)}, got {decode!r}")
     if not (isinstance(tau, (int, float)) and 0.0 <= float(tau) <= 1.0):
         raise ConfigError(f"magicfuse_sample: tau must be a number in [0, 1], got {tau!r}")
+    init_noise_scale = check_init_noise_scale(init_noise_scale, "magicfuse_sample: init_noise_scale")
     plan, head = _check_variant(nets, variant)  # head: the fusion network has a segmentation head
 
     image = _stack_images(image)
@@ -331,6 +337,8 @@ def magicfuse_sample(
     # state (last, so that variants without a segmentation head see the same z_T and c).
     zshape = (B, lat_c, h, w)
     z_T = _randn(zshape, generator, device) if noise is None else _check_noise("noise", noise, zshape, device)
+    if init_noise_scale != 1.0:
+        z_T = z_T * init_noise_scale
 
     frozen = [m for m in (nets.ae, nets.ikr, nets.ckg) if m is not None] if grad_step is not None else []
     outer = torch.enable_grad() if grad_step is not None else torch.no_grad()

@@ -86,13 +86,17 @@ class NoiseSchedule:
 @dataclass(frozen=True)
 class SamplerSettings:
     """How a pipeline samples: `steps` DDIM steps, τ of eq. 11, the thermal class ids
-    (MFNet ids; default car and person), the sampler `variant` and the noise schedule."""
+    (MFNet ids; default car and person), the sampler `variant`, the noise schedule and
+    `init_noise_scale`, the standard deviation of the starting latent z_T (1 = the paper's
+    z_T ~ N(0, I); below 1, "reduced-temperature" sampling: z_T = init_noise_scale · N(0, I),
+    fewer invented details, measured in docs/QUALITY.md)."""
 
     steps: int = 25
     tau: float = 0.4
     thermal_classes: tuple[int, ...] = THERMAL_CLASSES
     variant: str = "full"
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
+    init_noise_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -107,6 +111,7 @@ class SamplerSettings:
             raise ConfigError(f"sampler thermal_classes must be a tuple of class ids >= 0, got {self.thermal_classes!r}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"sampler variant must be one of {list(VARIANTS)}, got {self.variant!r}")
+        check_init_noise_scale(self.init_noise_scale, "sampler init_noise_scale")
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any] | None, *, where: str = "sampler") -> "SamplerSettings":
@@ -139,6 +144,8 @@ class SamplerSettings:
                 kw["thermal_classes"] = tuple(_int(c, f"{where}.thermal_classes") for c in tc)
             if "variant" in m:
                 kw["variant"] = str(m["variant"])
+            if "init_noise_scale" in m:  # absent in pipelines written before it existed: the paper's 1
+                kw["init_noise_scale"] = check_init_noise_scale(m["init_noise_scale"], f"{where}.init_noise_scale")
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
         try:
@@ -149,7 +156,8 @@ class SamplerSettings:
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (checkpoints load with ``weights_only=True``)."""
         return {"steps": self.steps, "tau": float(self.tau), "thermal_classes": list(self.thermal_classes),
-                "variant": self.variant, "schedule": dataclasses.asdict(self.schedule)}
+                "variant": self.variant, "schedule": dataclasses.asdict(self.schedule),
+                "init_noise_scale": float(self.init_noise_scale)}
 
     def replace(self, **changes: Any) -> "SamplerSettings":
         """A copy with some fields changed (None values are ignored)."""
@@ -161,6 +169,13 @@ class SamplerSettings:
     def ddim(self, device: torch.device | str | None = None, steps: int | None = None) -> DDIMSchedule:
         """The DDIM schedule these settings sample with (`steps` overrides the step count)."""
         return self.schedule.ddim(self.steps if steps is None else int(steps), device)
+
+
+def check_init_noise_scale(value: Any, where: str) -> float:
+    """`value` as the z_T scale in [0, 1]; ConfigError naming `where` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(f"{where} must be a number in [0, 1] (1 = the paper's z_T ~ N(0, I)), got {value!r}")
+    return float(value)
 
 
 def _int(v: Any, where: str) -> int:

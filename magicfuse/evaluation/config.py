@@ -9,6 +9,7 @@ from typing import Any, Literal, Mapping
 import torch
 
 from magicfuse.config import from_mapping
+from magicfuse.diffusion.settings import check_init_noise_scale
 from magicfuse.errors import ConfigError
 from magicfuse.evaluation.ablation import ABLATION_VARIANTS
 from magicfuse.evaluation.metrics import METRIC_NAMES
@@ -41,8 +42,8 @@ class EvaluateConfig:
 
     * ``split`` / ``max_images``: the evaluated split and how many of its images
       (first ones in shard order; None = all).
-    * ``steps`` / ``tau`` / ``thermal_classes``: sampler settings; None = the
-      checkpoint's (``payload["sampler"]``).
+    * ``steps`` / ``tau`` / ``thermal_classes`` / ``init_noise_scale``: sampler settings;
+      None = the checkpoint's (``payload["sampler"]``).
     * ``taus``: the τ sweep; ``ablations``: sampler variants for Tables 6–7;
       ``ablation_images``: how many of the evaluated images the sweep and the
       ablations use (None = all of them).
@@ -69,6 +70,7 @@ class EvaluateConfig:
     steps: int | None = None
     tau: float | None = None
     thermal_classes: tuple[int, ...] | None = None
+    init_noise_scale: float | None = None
     taus: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8)
     ablations: tuple[str, ...] = ABLATION_VARIANTS
     ablation_images: int | None = 8
@@ -97,6 +99,8 @@ class EvaluateConfig:
             raise ConfigError(f"{where}.batch_size must be >= 1, got {self.batch_size}")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"{where}.steps must be >= 1 or null, got {self.steps}")
+        if self.init_noise_scale is not None:
+            check_init_noise_scale(self.init_noise_scale, f"{where}.init_noise_scale")
         for t in ((self.tau,) if self.tau is not None else ()) + tuple(self.taus):
             if not 0.0 <= t <= 1.0:
                 raise ConfigError(f"{where}: tau values must lie in [0, 1], got {t}")

@@ -106,12 +106,14 @@ __all__ = ["EvaluateConfig", "EvalSet", "load_eval_set", "run_evaluation", "reso
 
 
 def _sampler_settings(cfg: EvaluateConfig, payload: Mapping[str, Any], ckpt: Path) -> SamplerSettings:
-    """The checkpoint's sampler settings with the config's overrides (steps, τ, thermal classes)."""
+    """The checkpoint's sampler settings with the config's overrides (steps, τ, thermal classes,
+    z_T scale)."""
     s = SamplerSettings.from_mapping(payload.get("sampler"), where=f"{ckpt}: sampler settings")
     if s.variant != "full":
         raise ConfigError(f"{ckpt}: the checkpoint's sampler variant is {s.variant!r}; the evaluation suite "
                           "evaluates full pipelines (ablations are derived from them)")
-    return s.replace(steps=cfg.steps, tau=cfg.tau, thermal_classes=cfg.thermal_classes)
+    return s.replace(steps=cfg.steps, tau=cfg.tau, thermal_classes=cfg.thermal_classes,
+                     init_noise_scale=cfg.init_noise_scale)
 
 
 def _write_images(folder: Path, keys: Sequence[str], inputs: Sequence[np.ndarray],
@@ -318,7 +320,7 @@ def _report_notes(run: _Run, metrics: Mapping[str, Any]) -> dict[str, Any]:
         "images": f"{len(run.test)} from split {cfg.split!r} (first in shard order); ablations and tau sweep on the "
                   f"first {run.ablation_images}",
         "sampler": f"{s.steps} DDIM steps, tau = {s.tau:g}, thermal classes {list(s.thermal_classes)}, per-image "
-                   f"seeded noise (seed {cfg.seed}), device {run.runner.device}",
+                   f"seeded noise (seed {cfg.seed}), z_T scale {s.init_noise_scale:g}, device {run.runner.device}",
         "visual metric sources": f"A = real infrared, B = {vis_label} (evaluate.reference_visible = "
                                  f"{cfg.reference_visible!r}); the degraded-input row is the input itself scored as F",
         "outputs to uint8": "rounded (the authors' code truncates)",
@@ -357,7 +359,7 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
     run = _prepare(cfg, Path(pipeline_checkpoint), shards_dir, Path(out_dir))
     t, s = run.test, run.settings
     run.say(f"evaluate: {len(t)} {cfg.split} images, steps={s.steps}, tau={s.tau:g}, "
-            f"thermal classes={list(s.thermal_classes)}, device={run.runner.device}")
+            f"thermal classes={list(s.thermal_classes)}, z_T scale={s.init_noise_scale:g}, device={run.runner.device}")
 
     main = sample_set(run.runner, t.degraded, t.keys, desc=f"MagicFuse[{cfg.split}]", **run.sample_kw)
     run.say(f"evaluate: sampled {len(t)} images in {main.seconds:.1f} s")
@@ -392,7 +394,7 @@ def run_evaluation(cfg: EvaluateConfig | Mapping[str, Any] | None = None, *,
         "ikr_by_degradation": _table(ikr_rows),
         "settings": {
             "checkpoint": str(run.ckpt), "split": cfg.split, "images": len(t), "steps": s.steps, "tau": s.tau,
-            "thermal_classes": list(s.thermal_classes), "seed": cfg.seed, "device": str(run.runner.device),
+            "thermal_classes": list(s.thermal_classes), "init_noise_scale": s.init_noise_scale, "seed": cfg.seed, "device": str(run.runner.device),
             "reference_visible": cfg.reference_visible, "ablation_images": run.ablation_images,
             "captured_inputs": cfg.captured_inputs,
         },

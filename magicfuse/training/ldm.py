@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from magicfuse.config import to_dict
 from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
+from magicfuse.diffusion.settings import check_init_noise_scale
 from magicfuse.diffusion.schedule import (
     BETA_END,
     BETA_START,
@@ -80,6 +81,7 @@ class LDMTrainConfig(TrainConfig):
     eval_samples: int = 4  # test images sampled after training for the PSNR check (0 = skip)
     eval_steps: int = 25  # DDIM steps of that check
     eval_split: str = "test"
+    eval_init_noise_scale: float = 1.0  # z_T scale of that check (`SamplerSettings.init_noise_scale`; 1 = the paper)
     # training t density: "uniform" (eq. 7) or "linear" (rising with t; the tiny CKG draws the
     # scene's layout sooner: docs/QUALITY.md)
     timesteps: str = "uniform"
@@ -93,6 +95,7 @@ class LDMTrainConfig(TrainConfig):
             raise ConfigError(f"LDMTrainConfig.num_train_steps must be >= 1, got {self.num_train_steps}")
         if self.eval_samples < 0 or self.eval_steps < 1:
             raise ConfigError("LDMTrainConfig: eval_samples must be >= 0 and eval_steps >= 1")
+        check_init_noise_scale(self.eval_init_noise_scale, "LDMTrainConfig.eval_init_noise_scale")
 
 
 def _check_branch(branch: str) -> None:
@@ -138,10 +141,12 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample_branch(ae: nn.Module, unet: nn.Module, degraded: Tensor, *, steps: int = 25,
-                  generator: torch.Generator | None = None, schedule: Any = None) -> Tensor:
+                  generator: torch.Generator | None = None, schedule: Any = None,
+                  init_noise_scale: float = 1.0) -> Tensor:
     """One denoising stream (the sampler's "model4" path) → decoded (B,3,H,W) image in [0,1]."""
     nets = MagicFuseNets(ae=ae, ikr=unet, ckg=None, fusion=None)
-    out = magicfuse_sample(nets, degraded, steps=steps, variant="model4", generator=generator, schedule=schedule)
+    out = magicfuse_sample(nets, degraded, steps=steps, variant="model4", generator=generator, schedule=schedule,
+                           init_noise_scale=init_noise_scale)
     return out.ikr
 
 
@@ -149,8 +154,10 @@ def sample_branch(ae: nn.Module, unet: nn.Module, degraded: Tensor, *, steps: in
 def evaluate_ldm_psnr(ae: nn.Module, unet: nn.Module, branch: str, shards_dir: str | Path, *,
                       split: str = "test", samples: int = 4, steps: int = 25, seed: int = 0,
                       num_train_steps: int = NUM_TRAIN_STEPS, beta_start: float = BETA_START,
-                      beta_end: float = BETA_END, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Sample the denoiser on the first `samples` images of `split` (full frames) and score it.
+                      beta_end: float = BETA_END, device: torch.device | str = "cpu",
+                      init_noise_scale: float = 1.0) -> dict[str, float]:
+    """Sample the denoiser on the first `samples` images of `split` (full frames, z_T scaled by
+    `init_noise_scale`) and score it.
 
     Returns mean PSNR (dB) of the branch output against its true target (`psnr`) and of
     the trivial baseline against the same target (`psnr_baseline`): the degraded input
@@ -181,7 +188,8 @@ def evaluate_ldm_psnr(ae: nn.Module, unet: nn.Module, branch: str, shards_dir: s
     for n, key in enumerate(data.keys):
         degraded = tensor(data.degraded[n], f"{key} degraded")
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, n, 0xE7A1))
-        out = sample_branch(ae, unet, degraded, steps=steps, generator=gen, schedule=schedule)
+        out = sample_branch(ae, unet, degraded, steps=steps, generator=gen, schedule=schedule,
+                            init_noise_scale=init_noise_scale)
         if branch == "ikr":
             target = tensor(data.clean[n], f"{key} clean")
             pred, baseline = out, degraded
@@ -243,14 +251,16 @@ def train_ldm(cfg: LDMTrainConfig, *, branch: Branch, ae_checkpoint: str | Path,
         return evaluate_ldm_psnr(ae, module, branch, shards_dir, split=cfg.eval_split,
                                  samples=cfg.eval_samples, steps=cfg.eval_steps, seed=cfg.seed,
                                  num_train_steps=cfg.num_train_steps, beta_start=cfg.beta_start,
-                                 beta_end=cfg.beta_end, device=device)
+                                 beta_end=cfg.beta_end, device=device,
+                                 init_noise_scale=cfg.eval_init_noise_scale)
 
     def preview(module: nn.Module, batch: dict[str, Any], gen: torch.Generator) -> Tensor:
         batch = {k: v.to(device) for k, v in preview_batch.items()}
         degraded = batch["degraded"]
         schedule = make_ddim_schedule(cfg.eval_steps, cfg.num_train_steps, cfg.beta_start, cfg.beta_end,
                                       device=degraded.device)
-        out = sample_branch(ae, module, degraded, steps=cfg.eval_steps, generator=gen, schedule=schedule)
+        out = sample_branch(ae, module, degraded, steps=cfg.eval_steps, generator=gen, schedule=schedule,
+                            init_noise_scale=cfg.eval_init_noise_scale)
         return torch.cat([degraded, out.float(), branch_target(batch, branch)], dim=-2)
 
     job = TrainJob(

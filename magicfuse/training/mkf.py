@@ -31,7 +31,7 @@ from magicfuse.config import to_dict
 from magicfuse.data.classes import SEG_CLASS_WEIGHTS
 from magicfuse.data.shards import manifest_hash
 from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
-from magicfuse.diffusion.settings import NoiseSchedule, SamplerSettings
+from magicfuse.diffusion.settings import NoiseSchedule, SamplerSettings, check_init_noise_scale
 from magicfuse.errors import ConfigError
 from magicfuse.models import build_model, model_config
 from magicfuse.training import distributed as ddp
@@ -66,6 +66,7 @@ class MKFTrainConfig(TrainConfig):
     tau: float = SamplerSettings.tau
     thermal_classes: tuple[int, ...] = SamplerSettings().thermal_classes  # car, person (the paper); the authors' code uses (2,)
     variant: Literal["full", "model1", "model2", "model3"] = "full"
+    init_noise_scale: float = SamplerSettings.init_noise_scale  # z_T scale of training and of the pipeline (1 = the paper)
     w_contrast: float = 6.0
     w_texture: float = 10.0
     w_cb: float = 5.0
@@ -80,6 +81,7 @@ class MKFTrainConfig(TrainConfig):
             raise ConfigError(f"MKFTrainConfig.sampler_steps must be >= 1, got {self.sampler_steps}")
         if not 0.0 <= self.tau <= 1.0:
             raise ConfigError(f"MKFTrainConfig.tau must be in [0, 1], got {self.tau}")
+        check_init_noise_scale(self.init_noise_scale, "MKFTrainConfig.init_noise_scale")
         if self.seg_class_weights is not None and (
                 not self.seg_class_weights or not all(w >= 0 for w in self.seg_class_weights)):
             raise ConfigError("MKFTrainConfig.seg_class_weights must be a non-empty list of weights >= 0 "
@@ -91,10 +93,10 @@ class MKFTrainConfig(TrainConfig):
                                  seg=self.w_seg, seg_class_weights=tuple(self.seg_class_weights or SEG_CLASS_WEIGHTS))
 
     def sampler_settings(self, schedule: NoiseSchedule) -> SamplerSettings:
-        """What the trained pipeline samples with: this config's steps, τ, thermal classes and
-        variant over `schedule` (the denoisers' training schedule)."""
+        """What the trained pipeline samples with: this config's steps, τ, thermal classes,
+        variant and z_T scale over `schedule` (the denoisers' training schedule)."""
         return SamplerSettings(steps=self.sampler_steps, tau=self.tau, thermal_classes=tuple(self.thermal_classes),
-                               variant=self.variant, schedule=schedule)
+                               variant=self.variant, schedule=schedule, init_noise_scale=self.init_noise_scale)
 
 
 def mkf_loss(fusion: nn.Module, frozen: MagicFuseNets, batch: dict[str, Any], generator: torch.Generator,
@@ -104,7 +106,8 @@ def mkf_loss(fusion: nn.Module, frozen: MagicFuseNets, batch: dict[str, Any], ge
     i = int(torch.randint(0, n, (1,), generator=generator, device=generator.device).item())
     nets = MagicFuseNets(ae=frozen.ae, ikr=frozen.ikr, ckg=frozen.ckg, fusion=fusion)
     out = magicfuse_sample(nets, batch["degraded"], tau=cfg.tau, thermal_classes=cfg.thermal_classes,
-                           variant=cfg.variant, generator=generator, stop_at=i, grad_step=i, schedule=schedule)
+                           variant=cfg.variant, generator=generator, stop_at=i, grad_step=i, schedule=schedule,
+                           init_noise_scale=cfg.init_noise_scale)
     label = batch.get("label") if cfg.variant != "model2" else None
     loss, terms = fusion_losses(out.magimg, out.ikr, out.ckg_ir, seg_logits=out.seg_logits, label=label,
                                 weights=cfg.loss_weights)
@@ -156,7 +159,8 @@ def train_mkf(cfg: MKFTrainConfig, *, ae_checkpoint: str | Path, ikr_checkpoint:
         nets = MagicFuseNets(ae=ae, ikr=ikr, ckg=ckg, fusion=module)
         degraded = batch["degraded"][:4]
         out = magicfuse_sample(nets, degraded, tau=cfg.tau, thermal_classes=cfg.thermal_classes,
-                               variant=cfg.variant, generator=gen, schedule=schedule)
+                               variant=cfg.variant, generator=gen, schedule=schedule,
+                               init_noise_scale=cfg.init_noise_scale)
         return torch.cat([degraded, out.ikr, out.ckg, out.magimg], dim=-2)
 
     job = TrainJob(
