@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from magicfuse.config import to_dict
 from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
-from magicfuse.diffusion.settings import check_init_noise_scale
+from magicfuse.diffusion.settings import SamplerSettings, check_init_noise_scale
 from magicfuse.diffusion.schedule import (
     BETA_END,
     BETA_START,
@@ -81,7 +81,7 @@ class LDMTrainConfig(TrainConfig):
     eval_samples: int = 4  # test images sampled after training for the PSNR check (0 = skip)
     eval_steps: int = 25  # DDIM steps of that check
     eval_split: str = "test"
-    eval_init_noise_scale: float = 1.0  # z_T scale of that check (`SamplerSettings.init_noise_scale`; 1 = the paper)
+    eval_init_noise_scale: float = SamplerSettings.init_noise_scale  # z_T scale of that check (1 = the paper)
     # training t density: "uniform" (eq. 7) or "linear" (rising with t; the tiny CKG draws the
     # scene's layout sooner: docs/QUALITY.md)
     timesteps: str = "uniform"
@@ -142,7 +142,7 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
 @torch.no_grad()
 def sample_branch(ae: nn.Module, unet: nn.Module, degraded: Tensor, *, steps: int = 25,
                   generator: torch.Generator | None = None, schedule: Any = None,
-                  init_noise_scale: float = 1.0) -> Tensor:
+                  init_noise_scale: float = SamplerSettings.init_noise_scale) -> Tensor:
     """One denoising stream (the sampler's "model4" path) → decoded (B,3,H,W) image in [0,1]."""
     nets = MagicFuseNets(ae=ae, ikr=unet, ckg=None, fusion=None)
     out = magicfuse_sample(nets, degraded, steps=steps, variant="model4", generator=generator, schedule=schedule,
@@ -155,7 +155,7 @@ def evaluate_ldm_psnr(ae: nn.Module, unet: nn.Module, branch: str, shards_dir: s
                       split: str = "test", samples: int = 4, steps: int = 25, seed: int = 0,
                       num_train_steps: int = NUM_TRAIN_STEPS, beta_start: float = BETA_START,
                       beta_end: float = BETA_END, device: torch.device | str = "cpu",
-                      init_noise_scale: float = 1.0) -> dict[str, float]:
+                      init_noise_scale: float = SamplerSettings.init_noise_scale) -> dict[str, float]:
     """Sample the denoiser on the first `samples` images of `split` (full frames, z_T scaled by
     `init_noise_scale`) and score it.
 
