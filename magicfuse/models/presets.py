@@ -39,18 +39,18 @@ KINDS: dict[str, tuple[type, type[nn.Module]]] = {
     "fusion": (FusionConfig, FusionNet),
 }
 
+_TINY_UNET = UNetConfig(model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,),
+                        num_heads=2, num_groups=8, prediction="v")
+
 PRESETS: dict[str, tuple[str, AnyConfig]] = {
     "ae": ("ae", AutoEncoderConfig()),
     "ae-tiny": ("ae", AutoEncoderConfig(channels=16, num_res_blocks=1, norm="none")),
     "ikr-paper": ("unet", UNetConfig(model_channels=64, num_heads=4, attention_resolutions=(4, 8))),
     "ckg-paper": ("unet", UNetConfig(model_channels=256, num_heads=8, attention_resolutions=(4,))),
     "fusion-paper": ("fusion", FusionConfig()),
-    "ikr-tiny": ("unet", UNetConfig(model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
-                                    attention_resolutions=(4,), num_heads=2, num_groups=8,
-                                    prediction="v")),
-    "ckg-tiny": ("unet", UNetConfig(model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
-                                    attention_resolutions=(4,), num_heads=2, num_groups=8,
-                                    prediction="v")),
+    # IKR and CKG share the tiny layout (the CKG at 16 channels since 2026-12-04: docs/QUALITY.md)
+    "ikr-tiny": ("unet", _TINY_UNET),
+    "ckg-tiny": ("unet", _TINY_UNET),
     "fusion-tiny": ("fusion", FusionConfig(channels=32, num_blocks=2, num_groups=8)),
     # between tiny and paper: the `real` profile (2 CPU cores, real 640x480 pairs)
     "ikr-small": ("unet", UNetConfig(model_channels=32, channel_mult=(1, 2, 3, 4), num_res_blocks=1,
