@@ -16,15 +16,19 @@ from conftest import need_shared
 
 from magicfuse.checkpoint import load_checkpoint, load_model, load_pipeline, save_model
 from magicfuse.config import from_mapping
-from magicfuse.data.classes import SEG_CLASS_WEIGHTS
+from magicfuse.data.boxes import Box
+from magicfuse.data.classes import CLASS_ID, SEG_CLASS_WEIGHTS
 from magicfuse.data.readers import PairSample
 from magicfuse.data.shards import make_loader, write_shards
 from magicfuse.data.synthetic import generate_scene
-from magicfuse.diffusion.sampler import MagicFuseNets
+from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
 from magicfuse.diffusion.schedule import make_alphas_cumprod, make_ddim_schedule
-from magicfuse.imageio import read_image
+from magicfuse.diffusion.settings import SamplerSettings
+from magicfuse.evaluation.dataset import load_eval_set
+from magicfuse.evaluation.objects import mean_box_contrast
+from magicfuse.imageio import read_image, to_uint8
 from magicfuse.inference import MagicFuse
-from magicfuse.errors import CheckpointError, ConfigError, TrainingError
+from magicfuse.errors import CheckpointError, ConfigError, DataError, TrainingError
 from magicfuse.models import build_model
 from magicfuse.training import (
     AETrainConfig,
@@ -46,7 +50,7 @@ from magicfuse.training.losses import (
     sobel_magnitude,
     ssim,
 )
-from magicfuse.training.mkf import mkf_loss
+from magicfuse.training.mkf import evaluate_mkf, mkf_loss
 
 H, W = 32, 48
 
@@ -505,6 +509,57 @@ def test_train_mkf_updates_fusion_and_bundles_pipeline(shards, ae_ckpt, unet_ckp
     assert state_equal(trained.state_dict(), nets["fusion"].state_dict())
     assert not state_equal(trained.state_dict(), init.state_dict())
     assert {"contrast", "texture", "cb", "cr", "seg", "trunc_step"} <= set(res.history[0])
+
+
+def test_train_mkf_scores_head_and_magimg_against_steps(shards, ae_ckpt, unet_ckpts, tmp_path):
+    """eval_every/eval_samples: the head's IoU on the labels and the MagImg's box contrast are
+    recorded at the evaluation steps and after training, from the exported pipeline's settings."""
+    boxed = tmp_path / "boxed"
+    samples = [_sample("test", i) for i in range(2)]
+    # one person box over the scene's left half, one car box over its lower right corner
+    boxes = [Box(cls=CLASS_ID["person"], x0=2, y0=2, x1=20, y1=30), Box(cls=CLASS_ID["car"], x0=30, y0=20, x1=46, y1=30)]
+    write_shards((dataclasses.replace(s, boxes=boxes) for s in samples), boxed, split="test")
+    write_shards((_sample("train", i) for i in range(4)), boxed, split="train")
+    cfg = from_mapping(MKFTrainConfig, {"steps": 2, "sampler_steps": 3, "crop": 16, "device": "cpu",
+                                        "progress": False, "log_every": 1, "eval_every": 1, "eval_samples": 2,
+                                        "thermal_classes": [1, 2]})
+    res = train_mkf(cfg, ae_checkpoint=ae_ckpt, ikr_checkpoint=unet_ckpts[0], ckg_checkpoint=unet_ckpts[1],
+                    shards_dir=boxed, out_dir=tmp_path / "run")
+    evals = [h for h in res.history if "eval/miou" in h]
+    assert [h["step"] for h in evals] == [1, 2]
+    final = {k.removeprefix("eval/"): v for k, v in evals[-1].items() if k.startswith("eval/")}
+    assert {"miou", "eval_samples", "person_contrast", "car_contrast"} <= set(final) and final["eval_samples"] == 2
+
+    # the same numbers from the exported pipeline, and by hand from the sampler's own outputs
+    modules, payload = load_pipeline(res.checkpoint)
+    nets = MagicFuseNets(**modules)
+    settings = SamplerSettings.from_mapping(payload["sampler"])
+    again = evaluate_mkf(nets, boxed, settings=settings, samples=2, seed=cfg.seed)
+    assert again == final
+    data = load_eval_set(boxed, "test")
+    segs, greys = [], []
+    for n in range(2):
+        x = torch.from_numpy(data.degraded[n]).permute(2, 0, 1)[None].float() / 255
+        out = magicfuse_sample(nets, x, tau=settings.tau, thermal_classes=settings.thermal_classes,
+                               generator=torch.Generator().manual_seed(derive_seed(cfg.seed, n, 0x5E6)),
+                               schedule=settings.ddim(), init_noise_scale=settings.init_noise_scale)
+        segs.append(out.seg[0].numpy())
+        greys.append(to_uint8(out.magimg)[0])
+    for name in ("car", "person"):
+        c = CLASS_ID[name]
+        pred = np.stack(segs) == c
+        true = np.stack(data.label) == c
+        union = int((pred | true).sum())
+        assert (name + "_iou" in final) == (union > 0)
+        if union:
+            assert final[name + "_iou"] == pytest.approx(int((pred & true).sum()) / union, abs=1e-9)
+        contrast, count = mean_box_contrast(greys, [boxes, boxes], c)
+        assert count == 2 and final[name + "_contrast"] == pytest.approx(contrast, abs=1e-12)
+
+    with pytest.raises(ConfigError, match="eval_samples"):
+        from_mapping(MKFTrainConfig, {"eval_samples": -1})
+    with pytest.raises(DataError, match=r"split 'val' has no samples to evaluate the fusion network"):
+        evaluate_mkf(nets, boxed, settings=settings, split="val")
 
 
 def test_train_mkf_carries_the_denoisers_schedule_and_refuses_a_mismatch(shards, ae_ckpt, tmp_path):

@@ -28,11 +28,16 @@ from torch import Tensor, nn
 
 from magicfuse.checkpoint import load_model, save_model, save_pipeline
 from magicfuse.config import to_dict
-from magicfuse.data.classes import SEG_CLASS_WEIGHTS
+from magicfuse.data.classes import CLASS_ID, MFNET_CLASSES, NUM_CLASSES, SEG_CLASS_WEIGHTS
 from magicfuse.data.shards import manifest_hash
 from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
 from magicfuse.diffusion.settings import NoiseSchedule, SamplerSettings, check_init_noise_scale
-from magicfuse.errors import ConfigError
+from magicfuse.errors import ConfigError, DataError
+from magicfuse.evaluation.ablation import segmentation_scores
+from magicfuse.evaluation.dataset import load_eval_set
+from magicfuse.evaluation.objects import mean_box_contrast
+from magicfuse.imageio import to_uint8
+from magicfuse.inference import to_image_tensor
 from magicfuse.models import build_model, model_config
 from magicfuse.training import distributed as ddp
 from magicfuse.training.ae import load_autoencoder
@@ -42,6 +47,7 @@ from magicfuse.training.loop import (
     TrainConfig,
     TrainJob,
     TrainResult,
+    derive_seed,
     freeze,
     run_training,
     seeded,
@@ -74,6 +80,8 @@ class MKFTrainConfig(TrainConfig):
     w_seg: float = 1.0
     # cross-entropy weight of each class; None = the authors' MFNet weights (SEG_CLASS_WEIGHTS)
     seg_class_weights: tuple[float, ...] | None = None
+    eval_samples: int = 0  # images of `eval_split` fused for the head's IoU and the MagImg's box contrast (0 = skip)
+    eval_split: str = "test"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,6 +94,8 @@ class MKFTrainConfig(TrainConfig):
                 not self.seg_class_weights or not all(w >= 0 for w in self.seg_class_weights)):
             raise ConfigError("MKFTrainConfig.seg_class_weights must be a non-empty list of weights >= 0 "
                               f"(one per class), got {self.seg_class_weights}")
+        if self.eval_samples < 0:
+            raise ConfigError(f"MKFTrainConfig.eval_samples must be >= 0, got {self.eval_samples}")
 
     @property
     def loss_weights(self) -> FusionLossWeights:
@@ -113,6 +123,57 @@ def mkf_loss(fusion: nn.Module, frozen: MagicFuseNets, batch: dict[str, Any], ge
                                 weights=cfg.loss_weights)
     terms["trunc_step"] = torch.tensor(float(i))
     return loss, terms
+
+
+@torch.no_grad()
+def evaluate_mkf(nets: MagicFuseNets, shards_dir: str | Path, *, settings: SamplerSettings, split: str = "test",
+                 samples: int = 4, seed: int = 0, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Fuse the first `samples` images of `split` (full frames, `settings`' steps, τ, variant
+    and z_T scale) and score the head and the MagImg.
+
+    Returns ``miou`` and ``<class>_iou`` for each thermal class (the head's argmax against the
+    split's labels, `segmentation_scores`; a class absent from labels and prediction is left
+    out) when the split is labelled and the network has a head, and the MagImg's mean box
+    contrast ``person_contrast`` / ``car_contrast`` (`magicfuse.evaluation.objects`) when the
+    images carry boxes: what eq. 11 is for, measured against training steps.
+    """
+    if samples < 1:
+        raise ConfigError(f"evaluate_mkf: samples must be >= 1, got {samples}")
+    device = torch.device(device)
+    schedule = settings.ddim(device)
+    nets.fusion.eval()
+    try:
+        data = load_eval_set(shards_dir, split, max_images=samples)
+    except DataError as exc:
+        raise DataError(f"{shards_dir}: split {split!r} has no samples to evaluate the fusion network on "
+                        f"({exc})") from exc
+    segs, magimgs = [], []
+    for n, key in enumerate(data.keys):
+        degraded = to_image_tensor(data.degraded[n], name=f"{key} degraded")[:3][None].to(device)
+        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, n, 0x5E6))
+        out = magicfuse_sample(nets, degraded, tau=settings.tau, thermal_classes=settings.thermal_classes,
+                               variant=settings.variant, generator=gen, schedule=schedule,
+                               init_noise_scale=settings.init_noise_scale)
+        magimgs.append(to_uint8(out.magimg)[0])
+        if out.seg is not None:
+            segs.append(out.seg[0].cpu().numpy())
+    scores: dict[str, float] = {"eval_samples": float(len(data))}
+    if segs and data.has_labels():
+        num_classes = nets.fusion.config.num_classes
+        names = list(MFNET_CLASSES) if num_classes == NUM_CLASSES else [str(i) for i in range(num_classes)]
+        seg = segmentation_scores(segs, data.label, num_classes, names)
+        scores["miou"] = float(seg["miou"])
+        for c in settings.thermal_classes:
+            value = float(seg["per_class_iou"][names[c]])
+            if value == value:  # NaN: the class is in neither the labels nor the prediction
+                scores[f"{names[c]}_iou"] = value
+    if data.has_boxes():
+        boxes = [b or [] for b in data.boxes]
+        for name in ("person", "car"):
+            value, _ = mean_box_contrast(magimgs, boxes, CLASS_ID[name])
+            if value is not None:
+                scores[f"{name}_contrast"] = float(value)
+    return scores
 
 
 def train_mkf(cfg: MKFTrainConfig, *, ae_checkpoint: str | Path, ikr_checkpoint: str | Path,
@@ -163,10 +224,16 @@ def train_mkf(cfg: MKFTrainConfig, *, ae_checkpoint: str | Path, ikr_checkpoint:
                                init_noise_scale=cfg.init_noise_scale)
         return torch.cat([degraded, out.ikr, out.ckg, out.magimg], dim=-2)
 
+    def evaluate(module: nn.Module) -> dict[str, float]:
+        if cfg.eval_samples == 0:
+            return {}
+        return evaluate_mkf(MagicFuseNets(ae=ae, ikr=ikr, ckg=ckg, fusion=module), shards_dir, settings=settings,
+                            split=cfg.eval_split, samples=cfg.eval_samples, seed=cfg.seed, device=device)
+
     job = TrainJob(
         name="mkf", model=fusion, model_config=model_config(fusion),
         loss_fn=lambda m, b, g: mkf_loss(m, frozen, b, g, cfg, schedule),
         make_loader=loader, export=export, manifest_hash=manifest_hash(shards_dir), preview=preview,
-        find_unused_parameters=True,
+        evaluate=evaluate, find_unused_parameters=True,
     )
     return run_training(cfg, job, out_dir, logger=logger, artifacts=artifacts)
