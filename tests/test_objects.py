@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from magicfuse.data.boxes import Box
-from magicfuse.evaluation.objects import box_contrasts, mean_box_contrast
+from magicfuse.evaluation.objects import box_contrasts, contrast_scores, mean_box_contrast
 from magicfuse.errors import DataError
 
 
@@ -46,3 +46,14 @@ def test_mean_box_contrast_pools_boxes_of_all_images():
     assert mean_box_contrast([img], [None], 2) == (None, 0)
     with pytest.raises(DataError, match="2 images but 1 box lists"):
         mean_box_contrast([img, img], [[person]], 2)
+
+
+def test_contrast_scores_name_each_class_with_boxes():
+    img = _image()
+    person, car = Box(2, 10, 10, 16, 20), Box(1, 40, 25, 50, 35)
+    sd = img.std()
+    got = contrast_scores([img, img], [[person, car], None])
+    assert got == {"person_contrast": pytest.approx((200 - 50) / sd), "car_contrast": pytest.approx((20 - 50) / sd)}
+    # a class without boxes is left out; no boxes at all gives nothing
+    assert contrast_scores([img], [[person]]) == {"person_contrast": pytest.approx((200 - 50) / sd)}
+    assert contrast_scores([img], [None]) == {}

@@ -13,9 +13,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from magicfuse.data.classes import CLASS_ID
 from magicfuse.errors import DataError
 
-__all__ = ["box_contrasts", "mean_box_contrast"]
+__all__ = ["box_contrasts", "contrast_scores", "mean_box_contrast"]
 
 
 def _corners(box: Any) -> tuple[int, float, float, float, float]:
@@ -80,3 +81,15 @@ def mean_box_contrast(images: Sequence[np.ndarray], boxes: Sequence[Iterable[Any
         if bxs:
             values.extend(box_contrasts(img, bxs, cls, **kw))
     return (float(np.mean(values)) if values else None), len(values)
+
+
+def contrast_scores(images: Sequence[np.ndarray], boxes: Sequence[Iterable[Any] | None],
+                    names: Sequence[str] = ("person", "car")) -> dict[str, float]:
+    """``{"<name>_contrast": mean box contrast}`` for each class name that has boxes in the set
+    (what the trainers log against steps and the reports print)."""
+    scores = {}
+    for name in names:
+        value, _ = mean_box_contrast(images, [b or [] for b in boxes], CLASS_ID[name])
+        if value is not None:
+            scores[f"{name}_contrast"] = float(value)
+    return scores

@@ -42,10 +42,9 @@ from magicfuse.diffusion.schedule import (
     sample_timesteps,
     v_target,
 )
-from magicfuse.data.classes import CLASS_ID
 from magicfuse.errors import ConfigError, DataError
 from magicfuse.evaluation.dataset import load_eval_set
-from magicfuse.evaluation.objects import mean_box_contrast
+from magicfuse.evaluation.objects import contrast_scores
 from magicfuse.imageio import to_uint8
 from magicfuse.inference import to_image_tensor
 from magicfuse.models import build_model, model_config
@@ -205,11 +204,7 @@ def evaluate_ldm_psnr(ae: nn.Module, unet: nn.Module, branch: str, shards_dir: s
     scores = {"psnr": float(torch.cat(ours).mean()), "psnr_baseline": float(torch.cat(base).mean()),
               "eval_samples": float(len(data))}
     if branch == "ckg" and data.has_boxes():
-        boxes = [b or [] for b in data.boxes]
-        for name in ("person", "car"):
-            value, _ = mean_box_contrast(grey, boxes, CLASS_ID[name])
-            if value is not None:
-                scores[f"{name}_contrast"] = float(value)
+        scores.update(contrast_scores(grey, data.boxes))
     return scores
 
 

@@ -28,14 +28,14 @@ from torch import Tensor, nn
 
 from magicfuse.checkpoint import load_model, save_model, save_pipeline
 from magicfuse.config import to_dict
-from magicfuse.data.classes import CLASS_ID, MFNET_CLASSES, NUM_CLASSES, SEG_CLASS_WEIGHTS
+from magicfuse.data.classes import MFNET_CLASSES, NUM_CLASSES, SEG_CLASS_WEIGHTS
 from magicfuse.data.shards import manifest_hash
 from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
 from magicfuse.diffusion.settings import NoiseSchedule, SamplerSettings, check_init_noise_scale
 from magicfuse.errors import ConfigError, DataError
 from magicfuse.evaluation.ablation import segmentation_scores
 from magicfuse.evaluation.dataset import load_eval_set
-from magicfuse.evaluation.objects import mean_box_contrast
+from magicfuse.evaluation.objects import contrast_scores
 from magicfuse.imageio import to_uint8
 from magicfuse.inference import to_image_tensor
 from magicfuse.models import build_model, model_config
@@ -168,11 +168,7 @@ def evaluate_mkf(nets: MagicFuseNets, shards_dir: str | Path, *, settings: Sampl
             if value == value:  # NaN: the class is in neither the labels nor the prediction
                 scores[f"{names[c]}_iou"] = value
     if data.has_boxes():
-        boxes = [b or [] for b in data.boxes]
-        for name in ("person", "car"):
-            value, _ = mean_box_contrast(magimgs, boxes, CLASS_ID[name])
-            if value is not None:
-                scores[f"{name}_contrast"] = float(value)
+        scores.update(contrast_scores(magimgs, data.boxes))
     return scores
 
 
