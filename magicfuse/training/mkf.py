@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from magicfuse.checkpoint import load_model, save_model, save_pipeline
 from magicfuse.config import to_dict
-from magicfuse.data.classes import MFNET_CLASSES, NUM_CLASSES, SEG_CLASS_WEIGHTS
+from magicfuse.data.classes import SEG_CLASS_WEIGHTS
 from magicfuse.data.shards import manifest_hash
 from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
 from magicfuse.diffusion.settings import NoiseSchedule, SamplerSettings, check_init_noise_scale
@@ -159,9 +159,8 @@ def evaluate_mkf(nets: MagicFuseNets, shards_dir: str | Path, *, settings: Sampl
             segs.append(out.seg[0].cpu().numpy())
     scores: dict[str, float] = {"eval_samples": float(len(data))}
     if segs and data.has_labels():
-        num_classes = nets.fusion.config.num_classes
-        names = list(MFNET_CLASSES) if num_classes == NUM_CLASSES else [str(i) for i in range(num_classes)]
-        seg = segmentation_scores(segs, data.label, num_classes, names)
+        seg = segmentation_scores(segs, data.label, nets.fusion.config.num_classes)
+        names = list(seg["per_class_iou"])  # class names in id order
         scores["miou"] = float(seg["miou"])
         for c in settings.thermal_classes:
             value = float(seg["per_class_iou"][names[c]])
