@@ -21,12 +21,12 @@ from magicfuse.data.classes import CLASS_ID, SEG_CLASS_WEIGHTS
 from magicfuse.data.readers import PairSample
 from magicfuse.data.shards import make_loader, write_shards
 from magicfuse.data.synthetic import generate_scene
-from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
+from magicfuse.diffusion.sampler import MagicFuseNets
 from magicfuse.diffusion.schedule import make_alphas_cumprod, make_ddim_schedule
 from magicfuse.diffusion.settings import SamplerSettings
 from magicfuse.evaluation.dataset import load_eval_set
 from magicfuse.evaluation.objects import mean_box_contrast
-from magicfuse.imageio import read_image, to_uint8
+from magicfuse.imageio import read_image
 from magicfuse.inference import MagicFuse
 from magicfuse.errors import CheckpointError, ConfigError, DataError, TrainingError
 from magicfuse.models import build_model
@@ -537,14 +537,9 @@ def test_train_mkf_scores_head_and_magimg_against_steps(shards, ae_ckpt, unet_ck
     again = evaluate_mkf(nets, boxed, settings=settings, samples=2, seed=cfg.seed)
     assert again == final
     data = load_eval_set(boxed, "test")
-    segs, greys = [], []
-    for n in range(2):
-        x = torch.from_numpy(data.degraded[n]).permute(2, 0, 1)[None].float() / 255
-        out = magicfuse_sample(nets, x, tau=settings.tau, thermal_classes=settings.thermal_classes,
-                               generator=torch.Generator().manual_seed(derive_seed(cfg.seed, n, 0x5E6)),
-                               schedule=settings.ddim(), init_noise_scale=settings.init_noise_scale)
-        segs.append(out.seg[0].numpy())
-        greys.append(to_uint8(out.magimg)[0])
+    fused = MagicFuse.from_pretrained(res.checkpoint, device="cpu").fuse(
+        list(data.degraded), seeds=[derive_seed(cfg.seed, n, 0x5E6) for n in range(2)], batch_size=1)
+    segs, greys = [r.seg for r in fused], [r.magimg for r in fused]
     for name in ("car", "person"):
         c = CLASS_ID[name]
         pred = np.stack(segs) == c
@@ -555,6 +550,13 @@ def test_train_mkf_scores_head_and_magimg_against_steps(shards, ae_ckpt, unet_ck
             assert final[name + "_iou"] == pytest.approx(int((pred & true).sum()) / union, abs=1e-9)
         contrast, count = mean_box_contrast(greys, [boxes, boxes], c)
         assert count == 2 and final[name + "_contrast"] == pytest.approx(contrast, abs=1e-12)
+
+    # scoring leaves training untouched: the same run without evaluations ends at the same weights
+    plain = train_mkf(dataclasses.replace(cfg, eval_every=0, eval_samples=0), ae_checkpoint=ae_ckpt,
+                      ikr_checkpoint=unet_ckpts[0], ckg_checkpoint=unet_ckpts[1], shards_dir=boxed,
+                      out_dir=tmp_path / "plain")
+    assert state_equal(load_model(plain.files["fusion"])[0].state_dict(), modules["fusion"].state_dict())
+    assert not [h for h in plain.history if "eval/miou" in h]
 
     with pytest.raises(ConfigError, match="eval_samples"):
         from_mapping(MKFTrainConfig, {"eval_samples": -1})

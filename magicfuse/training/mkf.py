@@ -19,6 +19,7 @@ the four networks and the sampler settings that users run.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,8 +37,7 @@ from magicfuse.errors import ConfigError, DataError
 from magicfuse.evaluation.ablation import segmentation_scores
 from magicfuse.evaluation.dataset import load_eval_set
 from magicfuse.evaluation.objects import contrast_scores
-from magicfuse.imageio import to_uint8
-from magicfuse.inference import to_image_tensor
+from magicfuse.inference import MagicFuse
 from magicfuse.models import build_model, model_config
 from magicfuse.training import distributed as ddp
 from magicfuse.training.ae import load_autoencoder
@@ -125,41 +125,34 @@ def mkf_loss(fusion: nn.Module, frozen: MagicFuseNets, batch: dict[str, Any], ge
     return loss, terms
 
 
-@torch.no_grad()
 def evaluate_mkf(nets: MagicFuseNets, shards_dir: str | Path, *, settings: SamplerSettings, split: str = "test",
                  samples: int = 4, seed: int = 0, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Fuse the first `samples` images of `split` (full frames, `settings`' steps, τ, variant
-    and z_T scale) and score the head and the MagImg.
+    """Fuse the first `samples` images of `split` whole, as users do (`MagicFuse.fuse`: the
+    device's tiling budget, `settings`' steps, τ, variant and z_T scale; image n seeded by
+    ``derive_seed(seed, n, 0x5E6)``), and score the head and the MagImg.
 
     Returns ``miou`` and ``<class>_iou`` for each thermal class (the head's argmax against the
     split's labels, `segmentation_scores`; a class absent from labels and prediction is left
     out) when the split is labelled and the network has a head, and the MagImg's mean box
     contrast ``person_contrast`` / ``car_contrast`` (`magicfuse.evaluation.objects`) when the
-    images carry boxes: what eq. 11 is for, measured against training steps.
+    images carry boxes: what eq. 11 is for, measured against training steps. `nets.fusion`
+    may be the network being trained: the runner gets a frozen copy of it.
     """
     if samples < 1:
         raise ConfigError(f"evaluate_mkf: samples must be >= 1, got {samples}")
-    device = torch.device(device)
-    schedule = settings.ddim(device)
-    nets.fusion.eval()
     try:
         data = load_eval_set(shards_dir, split, max_images=samples)
     except DataError as exc:
         raise DataError(f"{shards_dir}: split {split!r} has no samples to evaluate the fusion network on "
                         f"({exc})") from exc
-    segs, magimgs = [], []
-    for n, key in enumerate(data.keys):
-        degraded = to_image_tensor(data.degraded[n], name=f"{key} degraded")[:3][None].to(device)
-        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, n, 0x5E6))
-        out = magicfuse_sample(nets, degraded, tau=settings.tau, thermal_classes=settings.thermal_classes,
-                               variant=settings.variant, generator=gen, schedule=schedule,
-                               init_noise_scale=settings.init_noise_scale)
-        magimgs.append(to_uint8(out.magimg)[0])
-        if out.seg is not None:
-            segs.append(out.seg[0].cpu().numpy())
+    fusion = copy.deepcopy(nets.fusion)
+    runner = MagicFuse({"ae": nets.ae, "ikr": nets.ikr, "ckg": nets.ckg, "fusion": fusion}, settings, device=device,
+                       source="evaluate_mkf")
+    results = runner.fuse(list(data.degraded), seeds=[derive_seed(seed, n, 0x5E6) for n in range(len(data))],
+                          batch_size=1, outputs=("magimg", "seg"))
     scores: dict[str, float] = {"eval_samples": float(len(data))}
-    if segs and data.has_labels():
-        seg = segmentation_scores(segs, data.label, nets.fusion.config.num_classes)
+    if results[0].seg is not None and data.has_labels():
+        seg = segmentation_scores([r.seg for r in results], data.label, fusion.config.num_classes)
         names = list(seg["per_class_iou"])  # class names in id order
         scores["miou"] = float(seg["miou"])
         for c in settings.thermal_classes:
@@ -167,7 +160,7 @@ def evaluate_mkf(nets: MagicFuseNets, shards_dir: str | Path, *, settings: Sampl
             if value == value:  # NaN: the class is in neither the labels nor the prediction
                 scores[f"{names[c]}_iou"] = value
     if data.has_boxes():
-        scores.update(contrast_scores(magimgs, data.boxes))
+        scores.update(contrast_scores([r.magimg for r in results], data.boxes))
     return scores
 
 
