@@ -530,7 +530,7 @@ def test_train_mkf_scores_head_and_magimg_against_steps(shards, ae_ckpt, unet_ck
     final = {k.removeprefix("eval/"): v for k, v in evals[-1].items() if k.startswith("eval/")}
     assert {"miou", "eval_samples", "person_contrast", "car_contrast"} <= set(final) and final["eval_samples"] == 2
 
-    # the same numbers from the exported pipeline, and by hand from the sampler's own outputs
+    # the same numbers from the exported pipeline, and by hand from `MagicFuse.fuse`'s outputs
     modules, payload = load_pipeline(res.checkpoint)
     nets = MagicFuseNets(**modules)
     settings = SamplerSettings.from_mapping(payload["sampler"])

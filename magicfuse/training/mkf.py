@@ -153,12 +153,11 @@ def evaluate_mkf(nets: MagicFuseNets, shards_dir: str | Path, *, settings: Sampl
     scores: dict[str, float] = {"eval_samples": float(len(data))}
     if results[0].seg is not None and data.has_labels():
         seg = segmentation_scores([r.seg for r in results], data.label, fusion.config.num_classes)
-        names = list(seg["per_class_iou"])  # class names in id order
+        per_class = list(seg["per_class_iou"].items())  # (name, IoU) in class id order
         scores["miou"] = float(seg["miou"])
-        for c in settings.thermal_classes:
-            value = float(seg["per_class_iou"][names[c]])
+        for name, value in (per_class[c] for c in settings.thermal_classes):
             if value == value:  # NaN: the class is in neither the labels nor the prediction
-                scores[f"{names[c]}_iou"] = value
+                scores[f"{name}_iou"] = float(value)
     if data.has_boxes():
         scores.update(contrast_scores([r.magimg for r in results], data.boxes))
     return scores
