@@ -409,6 +409,7 @@ def test_evaluate_ldm_psnr_reports_baseline(shards, ae_ckpt, unet_ckpts):
     assert math.isfinite(res["psnr"]) and res["eval_samples"] == 2
     again = evaluate_ldm_psnr(ae, ckg, "ckg", shards, split="test", samples=2, steps=3)
     assert again == res  # deterministic sampling
+    assert {"x0_mse", "x0_mse_other_cond", "x0_power"} <= set(res)
 
 
 def test_evaluate_ldm_psnr_scores_ckg_box_contrast(ae_ckpt, unet_ckpts, tmp_path):
@@ -678,3 +679,46 @@ def test_cached_pairs_are_a_function_of_the_autoencoder_and_data(shards, ae_ckpt
     files[0].write_bytes(b"damaged")
     rebuilt = cached_pairs(ae, ae_ckpt, shards, "train", "ckg", **kw)
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.target, first.target))
+
+
+class _CopyCondDenoiser(torch.nn.Module):
+    """An ε-predicting stand-in whose ẑ0 is exactly its condition latent (a perfect identity
+    restorer), or, with `ignore_cond`, exactly zero whatever the condition."""
+
+    def __init__(self, ignore_cond: bool = False) -> None:
+        super().__init__()
+        self.ignore_cond = ignore_cond
+        self.register_buffer("abar", make_alphas_cumprod())
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        a = self.abar[t].view(-1, 1, 1, 1)
+        x0 = torch.zeros_like(cond) if self.ignore_cond else cond
+        return (z_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def test_condition_use_separates_a_denoiser_that_reads_its_input_from_one_that_does_not(ae_ckpt):
+    ae, _ = load_model(ae_ckpt, kind="ae")
+    g = torch.Generator().manual_seed(0)
+    frames = [torch.rand(1, 3, 32, 48, generator=g) for _ in range(3)]
+    frames.append(torch.rand(1, 3, 40, 64, generator=g))  # another size: scored on the common window
+    schedule = make_ddim_schedule(25)
+
+    def use(net: torch.nn.Module, seed: int = 1) -> dict[str, float]:
+        return ldm_mod.condition_use(ae, net, frames, frames, schedule=schedule,
+                                     generator=torch.Generator().manual_seed(seed), init_noise_scale=0.5)
+
+    with torch.no_grad():
+        z = [ae.encode(f[..., :32, :48], noise_scale=0.0) for f in frames]
+    power = sum(float(x.pow(2).mean()) for x in z) / 4
+    other = sum(float((z[(n + 1) % 4] - z[n]).pow(2).mean()) for n in range(4)) / 4
+    copy = use(_CopyCondDenoiser())
+    assert copy["x0_mse"] < 1e-6  # ẑ0 = own condition = the target
+    assert copy["x0_mse_other_cond"] == pytest.approx(other, rel=1e-3) and other > 0.01
+    assert copy["x0_power"] == pytest.approx(power, rel=1e-4)
+    blind = use(_CopyCondDenoiser(ignore_cond=True))
+    assert blind["x0_mse"] == pytest.approx(blind["x0_mse_other_cond"], rel=1e-5)
+    assert blind["x0_mse"] == pytest.approx(power, rel=1e-3)
+    assert use(_CopyCondDenoiser(), seed=1) == copy  # the generator decides z_T
+    with pytest.raises(ConfigError, match="needs >= 2 frames"):
+        ldm_mod.condition_use(ae, _CopyCondDenoiser(), frames[:1], frames[:1], schedule=schedule,
+                              generator=torch.Generator())

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from magicfuse.config import to_dict
-from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
+from magicfuse.diffusion.sampler import MagicFuseNets, denoiser_eps, magicfuse_sample
 from magicfuse.diffusion.settings import SamplerSettings, check_init_noise_scale
 from magicfuse.diffusion.schedule import (
     BETA_END,
@@ -38,6 +38,7 @@ from magicfuse.diffusion.schedule import (
     eps_loss,
     make_alphas_cumprod,
     make_ddim_schedule,
+    predict_x0,
     q_sample,
     sample_timesteps,
     v_target,
@@ -48,6 +49,7 @@ from magicfuse.evaluation.objects import contrast_scores
 from magicfuse.imageio import to_uint8
 from magicfuse.inference import to_image_tensor
 from magicfuse.models import build_model, model_config
+from magicfuse.models.geometry import LATENT_DOWNSCALE, net_multiple
 from magicfuse.models.unet import prediction_of
 from magicfuse.training import distributed as ddp
 from magicfuse.training.ae import load_autoencoder
@@ -150,6 +152,47 @@ def sample_branch(ae: nn.Module, unet: nn.Module, degraded: Tensor, *, steps: in
 
 
 @torch.no_grad()
+def condition_use(ae: nn.Module, unet: nn.Module, conditions: list[Tensor], targets: list[Tensor], *,
+                  schedule: Any, generator: torch.Generator,
+                  init_noise_scale: float = SamplerSettings.init_noise_scale) -> dict[str, float]:
+    """How much the denoiser's first sampling step draws on its condition image.
+
+    For each frame n (at least two, each (1,3,H,W) in [0,1]), the one-step estimate ẑ0 of its
+    target latent at the sampler's first step — t = ``schedule.timesteps[0]``, z_t = z_T =
+    ``init_noise_scale`` · N(0, I), exactly where sampling starts — is scored against the
+    true target latent (latent MSE) with frame n's own condition (``x0_mse``) and with frame
+    n+1's (``x0_mse_other_cond``, cyclic); ``x0_power`` is the targets' mean square (the MSE
+    of predicting 0, the standardised latents' training mean). A denoiser that reads its input
+    scores clearly lower with its own condition; one whose samples are decided by z_T scores
+    the same with both and no better than ``x0_power``. Latents are encoded without encoder
+    noise; a pair of frames of different sizes is compared on their common top-left window,
+    cut to the network's size multiple.
+    """
+    if len(conditions) < 2 or len(conditions) != len(targets):
+        raise ConfigError("condition_use: needs >= 2 frames and one target per condition, got "
+                          f"{len(conditions)} conditions and {len(targets)} targets")
+    device = conditions[0].device
+    multiple = LATENT_DOWNSCALE * net_multiple(unet)
+    t, abar = schedule.timesteps[:1], schedule.abar_t[0]
+    own, other, power = [], [], []
+    for n, (cond_img, target_img) in enumerate(zip(conditions, targets)):
+        next_img = conditions[(n + 1) % len(conditions)]
+        h = min(cond_img.shape[-2], next_img.shape[-2]) // multiple * multiple
+        w = min(cond_img.shape[-1], next_img.shape[-1]) // multiple * multiple
+        if h == 0 or w == 0:
+            raise DataError(f"condition_use: frame {n} is smaller than the network's multiple of {multiple} px")
+        cond, cond_next, z0 = (ae.encode(img[..., :h, :w], noise_scale=0.0).float()
+                               for img in (cond_img, next_img, target_img))
+        z_t = init_noise_scale * torch.randn(z0.shape, generator=generator, device=device)
+        for c, out in ((cond, own), (cond_next, other)):
+            x0 = predict_x0(z_t, denoiser_eps(unet, z_t, t, c, abar), abar)
+            out.append(float((x0 - z0).pow(2).mean()))
+        power.append(float(z0.pow(2).mean()))
+    return {"x0_mse": sum(own) / len(own), "x0_mse_other_cond": sum(other) / len(other),
+            "x0_power": sum(power) / len(power)}
+
+
+@torch.no_grad()
 def evaluate_ldm_psnr(ae: nn.Module, unet: nn.Module, branch: str, shards_dir: str | Path, *,
                       split: str = "test", samples: int = 4, steps: int = 25, seed: int = 0,
                       num_train_steps: int = NUM_TRAIN_STEPS, beta_start: float = BETA_START,
@@ -165,7 +208,9 @@ def evaluate_ldm_psnr(ae: nn.Module, unet: nn.Module, branch: str, shards_dir: s
     split whose samples carry object boxes (e.g. MSRS), also the mean box contrast of the
     CKG image for people and cars (`person_contrast`, `car_contrast`,
     `magicfuse.evaluation.objects`; the real infrared gives about +2.2 for people),
-    when the images hold such boxes.
+    when the images hold such boxes. With two or more samples, also `condition_use` (how much
+    the first sampling step's estimate depends on the condition: `x0_mse`,
+    `x0_mse_other_cond`, `x0_power`).
     """
     _check_branch(branch)
     if samples < 1:
@@ -183,7 +228,7 @@ def evaluate_ldm_psnr(ae: nn.Module, unet: nn.Module, branch: str, shards_dir: s
     def tensor(arr: Any, name: str, channels: int = 3) -> Tensor:
         return to_image_tensor(arr, name=name)[:channels][None].to(device)
 
-    ours, base, grey = [], [], []
+    ours, base, grey, conds, targets = [], [], [], [], []
     for n, key in enumerate(data.keys):
         degraded = tensor(data.degraded[n], f"{key} degraded")
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, n, 0xE7A1))
@@ -201,8 +246,14 @@ def evaluate_ldm_psnr(ae: nn.Module, unet: nn.Module, branch: str, shards_dir: s
             grey.append(to_uint8(pred)[0])
         ours.append(psnr(pred, target))
         base.append(psnr(baseline, target))
+        conds.append(degraded)
+        targets.append(target.expand(-1, 3, -1, -1))  # the infrared as the CKG learns it (`branch_target`)
     scores = {"psnr": float(torch.cat(ours).mean()), "psnr_baseline": float(torch.cat(base).mean()),
               "eval_samples": float(len(data))}
+    if len(conds) >= 2:
+        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, 0, 0xC0DE))
+        scores.update(condition_use(ae, unet, conds, targets, schedule=schedule, generator=gen,
+                                    init_noise_scale=init_noise_scale))
     if branch == "ckg" and data.has_boxes():
         scores.update(contrast_scores(grey, data.boxes))
     return scores
