@@ -26,6 +26,7 @@ from magicfuse.diffusion.schedule import make_alphas_cumprod, make_ddim_schedule
 from magicfuse.diffusion.settings import SamplerSettings
 from magicfuse.evaluation.dataset import load_eval_set
 from magicfuse.evaluation.objects import mean_box_contrast
+from magicfuse.evaluation.metrics import compute_metrics
 from magicfuse.imageio import read_image
 from magicfuse.inference import MagicFuse
 from magicfuse.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -529,7 +530,8 @@ def test_train_mkf_scores_head_and_magimg_against_steps(shards, ae_ckpt, unet_ck
     evals = [h for h in res.history if "eval/miou" in h]
     assert [h["step"] for h in evals] == [1, 2]
     final = {k.removeprefix("eval/"): v for k, v in evals[-1].items() if k.startswith("eval/")}
-    assert {"miou", "eval_samples", "person_contrast", "car_contrast"} <= set(final) and final["eval_samples"] == 2
+    assert {"miou", "eval_samples", "person_contrast", "car_contrast", "SSIM", "MI", "Qabf", "PSNR"} <= set(final)
+    assert final["eval_samples"] == 2
 
     # the same numbers from the exported pipeline, and by hand from `MagicFuse.fuse`'s outputs
     modules, payload = load_pipeline(res.checkpoint)
@@ -551,6 +553,14 @@ def test_train_mkf_scores_head_and_magimg_against_steps(shards, ae_ckpt, unet_ck
             assert final[name + "_iou"] == pytest.approx(int((pred & true).sum()) / union, abs=1e-9)
         contrast, count = mean_box_contrast(greys, [boxes, boxes], c)
         assert count == 2 and final[name + "_contrast"] == pytest.approx(contrast, abs=1e-12)
+    # the MagImg's fusion metrics against (A = infrared, B = the CLEAN visible), averaged per image
+    per_image = [compute_metrics(g, ir, clean, metrics=["SSIM", "MI", "Qabf", "PSNR"])
+                 for g, ir, clean in zip(greys, data.infrared, data.clean)]
+    against_degraded = [compute_metrics(g, ir, deg, metrics=["SSIM"])["SSIM"]
+                        for g, ir, deg in zip(greys, data.infrared, data.degraded)]
+    for m in ("SSIM", "MI", "Qabf", "PSNR"):
+        assert final[m] == pytest.approx(np.mean([r[m] for r in per_image]), abs=1e-9), m
+    assert abs(final["SSIM"] - np.mean(against_degraded)) > 1e-6  # premise: B is the clean frame, not the input
 
     # scoring leaves training untouched: the same run without evaluations ends at the same weights
     plain = train_mkf(dataclasses.replace(cfg, eval_every=0, eval_samples=0), ae_checkpoint=ae_ckpt,

@@ -34,7 +34,7 @@ from magicfuse.data.shards import manifest_hash
 from magicfuse.diffusion.sampler import MagicFuseNets, magicfuse_sample
 from magicfuse.diffusion.settings import NoiseSchedule, SamplerSettings, check_init_noise_scale
 from magicfuse.errors import ConfigError, DataError
-from magicfuse.evaluation.ablation import segmentation_scores
+from magicfuse.evaluation.ablation import segmentation_scores, visual_means
 from magicfuse.evaluation.dataset import load_eval_set
 from magicfuse.evaluation.objects import contrast_scores
 from magicfuse.inference import MagicFuse
@@ -54,6 +54,9 @@ from magicfuse.training.loop import (
     shard_loader,
 )
 from magicfuse.training.losses import FusionLossWeights, fusion_losses
+
+# the MagImg's fusion metrics scored against training steps (issue targets: SSIM, MI, Qabf, PSNR)
+MKF_EVAL_METRICS = ("SSIM", "MI", "Qabf", "PSNR")
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,10 @@ def evaluate_mkf(nets: MagicFuseNets, shards_dir: str | Path, *, settings: Sampl
     split's labels, `segmentation_scores`; a class absent from labels and prediction is left
     out) when the split is labelled and the network has a head, and the MagImg's mean box
     contrast ``person_contrast`` / ``car_contrast`` (`magicfuse.evaluation.objects`) when the
-    images carry boxes: what eq. 11 is for, measured against training steps. `nets.fusion`
-    may be the network being trained: the runner gets a frozen copy of it.
+    images carry boxes: what eq. 11 is for, measured against training steps. When the split
+    holds infrared, also the MagImg's fusion metrics against (A = infrared, B = clean visible)
+    in the docs/METRICS.md convention (`visual_means`): ``SSIM``, ``MI``, ``Qabf``, ``PSNR``.
+    `nets.fusion` may be the network being trained: the runner gets a frozen copy of it.
     """
     if samples < 1:
         raise ConfigError(f"evaluate_mkf: samples must be >= 1, got {samples}")
@@ -160,6 +165,8 @@ def evaluate_mkf(nets: MagicFuseNets, shards_dir: str | Path, *, settings: Sampl
                 scores[f"{name}_iou"] = float(value)
     if data.has_boxes():
         scores.update(contrast_scores([r.magimg for r in results], data.boxes))
+    if data.has_infrared():
+        scores.update(visual_means([r.magimg for r in results], data.infrared, data.clean, MKF_EVAL_METRICS))
     return scores
 
 
