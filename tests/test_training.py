@@ -43,7 +43,7 @@ from magicfuse.training import (
 from magicfuse.training import ldm as ldm_mod
 from magicfuse.training.ae import load_ae_init
 from magicfuse.training.ldm import ldm_loss, psnr
-from magicfuse.training.loop import BatchStream, derive_seed, lr_at, seeded, step_generator
+from magicfuse.training.loop import BatchStream, derive_seed, eval_panels, lr_at, seeded, step_generator
 from magicfuse.training.losses import (
     fusion_losses,
     rgb_to_ycbcr,
@@ -292,6 +292,15 @@ def test_huge_learning_rate_is_caught(shards, ae_ckpt, tmp_path):
         train_ldm(ldm_cfg(lr=1e30, grad_clip=0.0, ckpt_every=100, steps=6), branch="ikr",
                   ae_checkpoint=ae_ckpt, shards_dir=shards, out_dir=tmp_path)
     assert not (tmp_path / "ikr.pt").exists()
+
+
+def test_eval_panels_give_each_metric_its_own_scale():
+    """loss.png: one panel per evaluation metric, its baselines beside it, no panel for the count."""
+    keys = ["loss", "eval/psnr", "eval/psnr_baseline", "eval/eval_samples", "eval/person_contrast",
+            "eval/x0_mse", "eval/x0_mse_other_cond", "eval/x0_power", "eval/SSIM"]
+    assert eval_panels(keys) == [["eval/SSIM"], ["eval/person_contrast"], ["eval/psnr", "eval/psnr_baseline"],
+                                 ["eval/x0_mse", "eval/x0_mse_other_cond"], ["eval/x0_power"]]
+    assert eval_panels(["loss", "eval/eval_samples"]) == []
 
 
 def test_autoencoder_outputs_and_logger(shards, tmp_path):

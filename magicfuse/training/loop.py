@@ -415,6 +415,15 @@ def _write_outputs(out_dir: Path, name: str, history: list[dict[str, float]], me
                 artifacts(out_dir / "loss.png")
 
 
+def eval_panels(keys: Any) -> list[list[str]]:
+    """Group the ``eval/*`` history keys into plot panels: one per metric, a key that extends
+    another with ``_<suffix>`` (``psnr_baseline``, ``x0_mse_other_cond``) drawn beside it, and
+    ``eval_samples`` (a count, not a score) left out."""
+    names = sorted(k for k in set(keys) if k.startswith("eval/") and k != "eval/eval_samples")
+    heads = [k for k in names if not any(k != h and k.startswith(h + "_") for h in names)]
+    return [[h] + [k for k in names if k.startswith(h + "_")] for h in heads]
+
+
 def _loss_plot(history: list[dict[str, float]], name: str) -> bytes | None:
     import matplotlib
 
@@ -422,9 +431,13 @@ def _loss_plot(history: list[dict[str, float]], name: str) -> bytes | None:
     import matplotlib.pyplot as plt
 
     rows = [h for h in history if "loss" in h]
-    evals = sorted({k for h in history for k in h if k.startswith("eval/")})
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.5), dpi=100, squeeze=False)
-    ax = axes[0, 0]
+    panels = eval_panels(k for h in history for k in h)
+    cols = min(4, 1 + len(panels))
+    nrows = -(-(1 + len(panels)) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols if panels else 6, 3.2 * nrows), dpi=100,
+                             squeeze=False)
+    flat = list(axes.flat)
+    ax = flat[0]
     ax.plot([h["step"] for h in rows], [h["loss"] for h in rows], label="loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -432,15 +445,17 @@ def _loss_plot(history: list[dict[str, float]], name: str) -> bytes | None:
     if rows and all(h["loss"] > 0 for h in rows):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    if evals:
-        ev = axes[0, 1]
-        for k in evals:
+    for ev, keys in zip(flat[1:], panels):  # one scale per metric: a 17 dB PSNR does not flatten a +0.2 contrast
+        for k, style in zip(keys, ("-o", "--", ":", "-.")):
             pts = [(h["step"], h[k]) for h in history if k in h]
-            ev.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k.removeprefix("eval/"))
+            ev.plot([p[0] for p in pts], [p[1] for p in pts], style, label=k.removeprefix("eval/"))
         ev.set_xlabel("step")
-        ev.set_title(f"{name} evaluation during training")
+        ev.set_title(f"{name}: {keys[0].removeprefix('eval/')}", fontsize=9)
         ev.grid(alpha=0.3)
-        ev.legend(fontsize=7)
+        if len(keys) > 1:
+            ev.legend(fontsize=7)
+    for unused in flat[1 + len(panels):]:
+        unused.axis("off")
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
